@@ -1,0 +1,1 @@
+"""HTTP API: the Quart app, its routes, and the OpenAI wire shapes."""

@@ -1,0 +1,268 @@
+"""``POST /v1/chat/completions``: non-streaming JSON and SSE streaming.
+
+Everything that can be wrong with a request is found before the first byte is sent, so bad
+input always gets an HTTP error; a failure after the stream started is sent as
+``data: {"error": ...}`` (the OpenAI SDK raises on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from quart import Blueprint, Response, jsonify
+
+from ..engine.core import Delta, Event, Failed, Finished, Job
+from ..errors import MlxdError
+from ..prompt import build_prompt, content_text
+from . import sse
+from .app import RequestRecord, json_body, record, state
+from .params import SamplingFields, StopField, generation_params, normalize_stop, parse
+
+bp = Blueprint("chat", __name__)
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: str | list[Any] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(SamplingFields, StopField):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported by mlxd")
+        return v
+
+
+def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages to the plain dicts chat templates expect."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        msg: dict[str, Any] = {
+            "role": role,
+            "content": content_text(m.content, param=f"messages[{i}].content"),
+        }
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    st = state()
+    rec = record()
+    req = parse(ChatRequest, await json_body())
+    lm = st.engine.require_model()
+    rec.model = lm.id
+    messages = to_template_messages(req.messages)
+    prompt = await asyncio.to_thread(build_prompt, lm, messages, req.tools)
+    params = generation_params(
+        st.settings,
+        lm,
+        len(prompt.ids),
+        requested_max=req.max_completion_tokens or req.max_tokens,
+        max_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        repetition_penalty=req.repetition_penalty,
+        stop=normalize_stop(req.stop),
+    )
+    job = Job(
+        model=lm,
+        prompt=prompt.ids,
+        params=params,
+        reasoning_mode=st.settings.model.reasoning,
+        in_think=prompt.in_think,
+        loop=asyncio.get_running_loop(),
+    )
+    rec.prompt_tokens = len(prompt.ids)
+    st.engine.submit(job)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # Wait briefly for the first event so early failures are HTTP errors, not broken streams.
+        first = await job.next_event(min(st.settings.server.sse_keepalive_seconds, 2.0))
+        if isinstance(first, Failed):
+            job.cancel()
+            raise first.error
+        rec.streaming = True
+        keepalive = st.settings.server.sse_keepalive_seconds
+        body = _stream(job, first, completion_id, created, lm.id, include_usage, rec, keepalive)
+        resp = Response(body, mimetype="text/event-stream")
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.timeout = None
+        return resp
+    return await _complete(job, completion_id, created, lm.id)
+
+
+def _usage(fin: Finished) -> dict[str, Any]:
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": fin.reasoning_tokens},
+    }
+
+
+async def _complete(job: Job, cid: str, created: int, model_id: str) -> Response:
+    st = state()
+    content: list[str] = []
+    reasoning: list[str] = []
+    fin: Finished | None = None
+    try:
+        async for event in st.engine.collect(job):
+            if isinstance(event, Delta):
+                content.append(event.content)
+                reasoning.append(event.reasoning)
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                fin = event
+    finally:
+        job.cancel()
+    assert fin is not None
+    rec = record()
+    rec.completion_tokens = fin.completion_tokens
+    rec.cached_tokens = fin.cached_tokens
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+    if any(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
+    return jsonify(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_id,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": fin.finish_reason}
+            ],
+            "usage": _usage(fin),
+            "system_fingerprint": _fingerprint(),
+        }
+    )
+
+
+def _fingerprint() -> str:
+    from .. import __version__
+
+    return f"mlxd-{__version__}"
+
+
+async def _stream(
+    job: Job,
+    first: Event | None,
+    cid: str,
+    created: int,
+    model_id: str,
+    include_usage: bool,
+    rec: RequestRecord,
+    keepalive: float,
+) -> AsyncIterator[bytes]:
+    # Runs after the handler returned, outside the request context: everything it needs is
+    # passed in.
+    status = 200
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        payload: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "system_fingerprint": _fingerprint(),
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return sse.data_frame(payload)
+
+    async def events() -> AsyncIterator[Event | None]:
+        if first is not None:
+            yield first
+            if isinstance(first, Finished | Failed):
+                return
+        async for ev in sse.events_with_keepalive(job, keepalive):
+            yield ev
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in events():
+            if event is None:
+                yield sse.KEEPALIVE
+            elif isinstance(event, Delta):
+                delta: dict[str, Any] = {}
+                if event.reasoning:
+                    delta["reasoning_content"] = event.reasoning
+                if event.content:
+                    delta["content"] = event.content
+                yield chunk(delta)
+            elif isinstance(event, Failed):
+                status = event.error.status
+                rec.error = event.error.code or event.error.type
+                yield sse.data_frame(event.error.body())
+                return
+            else:
+                rec.completion_tokens = event.completion_tokens
+                rec.cached_tokens = event.cached_tokens
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    payload = {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model_id,
+                        "system_fingerprint": _fingerprint(),
+                        "choices": [],
+                        "usage": _usage(event),
+                    }
+                    yield sse.data_frame(payload)
+                yield sse.DONE
+                return
+    except asyncio.CancelledError:
+        status = 499  # client closed the connection (nginx's convention)
+        rec.error = "client_disconnected"
+        raise
+    except MlxdError as exc:  # defensive: never leave a stream without a terminal frame
+        status = exc.status
+        yield sse.data_frame(exc.body())
+    finally:
+        job.cancel()
+        rec.finish(status)

@@ -1,0 +1,119 @@
+"""Request validation shared by both APIs: pydantic models to OpenAI 400s, sampling params."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import Settings
+from ..engine.core import GenerationParams, LogitsProcessor
+from ..engine.loader import LoadedModel
+from ..errors import BadRequest, ContextLengthExceeded
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class SamplingFields(BaseModel):
+    """Fields both APIs share. Unknown fields are ignored, as OpenAI clients expect."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    stream: bool = False
+
+
+def parse(model: type[M], body: dict[str, Any]) -> M:
+    """Validate ``body``; the first problem becomes a 400 naming the parameter."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _param(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        detail = f"Invalid value for '{param}': {msg}" if param else msg
+        if got is not None and err["type"] != "missing" and len(repr(got)) < 80:
+            detail += f" (got {got!r})"
+        raise BadRequest(detail, param=param or None, code="invalid_value") from None
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[str]", "function-after", "function-plain") or "[" in str(part):
+            continue  # pydantic's union branch labels are not parameter names
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def normalize_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+class StopField(BaseModel):
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_16(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences are supported")
+        return v
+
+
+def generation_params(
+    settings: Settings,
+    lm: LoadedModel,
+    prompt_len: int,
+    *,
+    requested_max: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: tuple[str, ...] = (),
+    max_param: str = "max_tokens",
+    logits_processors: tuple[LogitsProcessor, ...] = (),
+) -> GenerationParams:
+    """Defaults from [model], limits from [server], and the context-length check.
+
+    A prompt that leaves no room in the context is a 400 ``context_length_exceeded`` before
+    anything is generated; otherwise the completion budget is cut to what fits.
+    """
+    if requested_max is not None and requested_max > settings.server.max_tokens_limit:
+        raise BadRequest(
+            f"{max_param} {requested_max} is above this server's limit "
+            f"({settings.server.max_tokens_limit}; server.max_tokens_limit)",
+            param=max_param,
+            code="invalid_value",
+        )
+    room = lm.context_length - prompt_len
+    if room <= 0:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {lm.context_length} tokens. However, your "
+            f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
+            param="messages",
+        )
+    budget = requested_max if requested_max is not None else settings.model.max_tokens
+    return GenerationParams(
+        max_tokens=max(1, min(budget, room)),
+        temperature=settings.model.temperature if temperature is None else temperature,
+        top_p=settings.model.top_p if top_p is None else top_p,
+        stop=stop,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        timeout=settings.server.request_timeout_seconds,
+        logits_processors=logits_processors,
+    )

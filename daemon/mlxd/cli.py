@@ -1,0 +1,140 @@
+"""``mlxd`` command line: serve (default), check-config, export-model, logs.
+
+Exit status 78 (EX_CONFIG) means the configuration is unusable; service files treat it as
+final, so a bad config does not make launchd/systemd restart the daemon in a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from .config import EX_CONFIG, ConfigError, Settings, config_path_from, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxd", description="Local OpenAI-compatible inference daemon for MLX models."
+    )
+    parser.add_argument("--config", help="config file (default: $MLXD_CONFIG or etc/mlxd.toml)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the daemon in the foreground (the default)")
+    check = sub.add_parser("check-config", help="validate the config and print it")
+    check.add_argument("--render-toml", action="store_true", help="print the documented default config")
+    check.add_argument("--render-markdown", action="store_true", help="print the README config table")
+    export = sub.add_parser("export-model", help="write the configured model as an MLX directory")
+    export.add_argument("out", help="output directory")
+    export.add_argument("--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep")
+    logs = sub.add_parser("logs", help="show the structured log for a person")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--json", action="store_true", help="print raw JSON lines")
+    logs.add_argument("--level", help="lowest level to show (debug, info, warning, error)")
+    logs.add_argument("--request-id", help="only lines of this request id")
+    logs.add_argument("--event", help="only events starting with this name (e.g. request.)")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines of history (default 50)")
+    for p in (check, export, logs, sub.choices["serve"]):
+        p.add_argument("--config", help=argparse.SUPPRESS, dest="sub_config")
+    return parser
+
+
+def _settings(path_arg: str | None) -> tuple[Settings, Path | None]:
+    path = config_path_from(path_arg)
+    return load_settings(path), path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config_arg = getattr(args, "sub_config", None) or args.config
+    command = args.command or "serve"
+    if command == "check-config" and (args.render_toml or args.render_markdown):
+        from .config import render_markdown, render_toml
+
+        sys.stdout.write(render_toml() if args.render_toml else render_markdown())
+        return 0
+    try:
+        settings, path = _settings(config_arg)
+        if command == "serve":
+            settings.api_keys()  # an unreadable key file is a config error, found now
+    except ConfigError as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    # The BLAS must be chosen before anything imports mlx (see mlxd.backend).
+    from .backend import preload_blas
+
+    preload_blas(settings.engine.blas)
+    if command == "check-config":
+        return _check_config(settings, path)
+    if command == "export-model":
+        return _export_model(settings, Path(args.out), args.dtype)
+    if command == "logs":
+        from .logview import run as run_logs
+
+        return run_logs(settings, args)
+    return _serve(settings, path)
+
+
+def _check_config(settings: Settings, path: Path | None) -> int:
+    from .backend import blas_choice, device_info
+    from .config import effective_config
+
+    out = {
+        "config_file": str(path) if path else None,
+        "settings": effective_config(settings),
+        "paths": {
+            "state_dir": str(settings.state_dir()),
+            "database": str(settings.database_path()),
+            "archive_dir": str(settings.archive_path()),
+            "log_file": str(settings.log_path()),
+        },
+        "backend": {**device_info(), "blas_reason": blas_choice().reason},
+    }
+    print(json.dumps(out, indent=2))
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def _export_model(settings: Settings, out: Path, dtype: str) -> int:
+    import mlx.core as mx
+
+    from .errors import ModelLoadError
+    from .models.source import resolve
+
+    try:
+        source = resolve(settings.model.path)
+        if source.kind not in ("bundled", "gguf"):
+            print(f"mlxd: {source.path} is already an MLX/HF directory", file=sys.stderr)
+            return 1
+        from .models.gguf import export_mlx_dir
+
+        target = None if dtype == "keep" else getattr(mx, dtype)
+        export_mlx_dir(source.path, out, dequantize=target)
+    except ModelLoadError as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 1
+    print(str(out))
+    return 0
+
+
+def _serve(settings: Settings, path: Path | None) -> int:
+    from .logs import get_logger, setup_logging
+    from .service import Service
+
+    try:
+        setup_logging(settings.logging, settings.log_path())
+    except OSError as exc:
+        print(f"mlxd: cannot open log file {settings.log_path()}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return asyncio.run(Service(settings, path).run())
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        get_logger("mlxd").exception("server.crashed", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,490 @@
+"""Configuration: one frozen ``Settings`` tree, loaded from etc/mlxd.toml.
+
+Precedence, highest first: ``MLXD_<SECTION>__<KEY>`` environment variables, the TOML file,
+the defaults below. Every key has a default, so an empty file is a valid config. The
+``Field(description=...)`` texts are the single source of the config documentation:
+``etc/mlxd.toml`` and the README's configuration table are rendered from them
+(``mlxd check-config --render-toml`` / ``--render-markdown``) and a test keeps them in step.
+
+Relative paths (``database``, ``archive_dir``, ``logging.file``) resolve against
+``server.state_dir``, so the daemon writes to the same place whatever directory it was
+started from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+#: Exit status for a configuration error (sysexits.h EX_CONFIG); service units treat it as final.
+EX_CONFIG = 78
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "etc" / "mlxd.toml"
+BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key path and the fix."""
+
+
+def default_state_dir() -> Path:
+    """Where mlxd keeps its database, archives and logs when ``state_dir`` is empty."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mlxd"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mlxd"
+
+
+def default_log_file() -> Path:
+    """macOS's usual place for a per-user daemon's log."""
+    return Path.home() / "Library" / "Logs" / "mlxd" / "mlxd.log"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ServerSettings(_Section):
+    """[server]: where and how the HTTP API listens."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind. Loopback by default; any other address needs an API key "
+        "([security]).",
+    )
+    port: int = Field(8765, ge=1, le=65535, description="TCP port of the HTTP API.")
+    state_dir: str = Field(
+        "",
+        description="Directory for the database, archives and log; relative paths below resolve "
+        "against it. Empty: ~/Library/Application Support/mlxd (macOS) or "
+        "$XDG_STATE_HOME/mlxd, else ~/.local/state/mlxd (Linux).",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; bigger requests get 413. Agent clients resend "
+        "the whole history each turn, so keep it generous.",
+    )
+    max_tokens_limit: int = Field(
+        32768,
+        ge=1,
+        description="Upper bound for max_tokens / max_output_tokens; larger requests get 400.",
+    )
+    request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Longest time one generation may run; then it ends with finish_reason "
+        "'length' (non-streaming and streaming alike).",
+    )
+    shutdown_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=300,
+        description="On SIGTERM/SIGINT, how long in-flight requests may take to finish before "
+        "they are cancelled with an error. Service files allow this plus 10 s.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed by CORS. Empty: any http(s) origin on localhost, "
+        "127.0.0.1 or [::1] (any port). Otherwise exactly these; '*' allows every origin.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra Host header names accepted besides localhost, 127.0.0.1, [::1] and "
+        "the bound address (protects against DNS rebinding). '*' accepts any.",
+    )
+    sse_keepalive_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Interval of SSE ': keepalive' comments while a stream waits (long prefill, "
+        "queue).",
+    )
+
+    def is_loopback(self) -> bool:
+        """True when the bind address only accepts connections from this machine."""
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class SecuritySettings(_Section):
+    """[security]: who may call the API."""
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (Authorization: Bearer <key>). Empty with no key file: no "
+        "authentication (allowed on loopback only). /health stays open.",
+    )
+    api_key_file: str = Field(
+        "",
+        description="File with one API key per line (# comments allowed), read at start and on "
+        "reload; keeps keys out of the config file.",
+    )
+
+
+class ModelSettings(_Section):
+    """[model]: which model is served and its default generation parameters."""
+
+    path: str = Field(
+        BUNDLED_MODEL,
+        description="Model to serve: 'bundled:SmolLM2-135M-Instruct' (shipped with mlxd), a "
+        "Hugging Face repo id ('mlx-community/Qwen3-4B-4bit'), a local MLX/HF model directory, "
+        "or a .gguf file (llama architecture).",
+    )
+    id: str = Field(
+        "",
+        description="Model id reported by /v1/models and in responses. Empty: derived from path.",
+    )
+    dtype: Literal["auto", "keep", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Weight precision. 'keep' serves the weights as stored; 'auto' dequantizes "
+        "small quantized models to float32 on the CPU backend (much faster there) and keeps them "
+        "on GPU backends; or force a float dtype.",
+    )
+    context_length: int = Field(
+        0,
+        ge=0,
+        description="Longest prompt plus completion in tokens. 0: the model's own limit.",
+    )
+    temperature: float = Field(
+        0.7, ge=0, le=2, description="Default sampling temperature when a request gives none."
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Default nucleus sampling cut-off when a request gives none."
+    )
+    max_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Default completion length when a request gives no max_tokens.",
+    )
+    reasoning: Literal["separate", "strip", "inline"] = Field(
+        "separate",
+        description="What to do with <think>...</think> blocks: 'separate' returns them as "
+        "reasoning_content / reasoning items, 'strip' drops them, 'inline' leaves them in the text.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty; use 'bundled:SmolLM2-135M-Instruct' for the default")
+        return value.strip()
+
+
+class EngineSettings(_Section):
+    """[engine]: the MLX thread: batching, caches, backend tuning."""
+
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Most sequences decoded together (continuous batching)."
+    )
+    max_queue: int = Field(
+        64,
+        ge=1,
+        description="Most requests waiting for a batch slot; beyond it requests get 503 with "
+        "Retry-After.",
+    )
+    prefill_step_size: int = Field(
+        512, ge=16, description="Prompt tokens processed per step (bounds memory of long prompts)."
+    )
+    prompt_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Memory budget for reusable prompt (KV) caches of earlier requests; 0 "
+        "disables reuse.",
+    )
+    blas: str = Field(
+        "auto",
+        description="CPU backend only: 'auto' loads an optimized OpenBLAS if one is installed, "
+        "'off' keeps MLX's bundled BLAS, or a path to a BLAS shared library.",
+    )
+    warmup: bool = Field(
+        True,
+        description="Run a short prefill and decode after loading, before reporting ready, so no "
+        "request waits for kernel compilation.",
+    )
+
+
+class ConversationSettings(_Section):
+    """[conversations]: the durable store behind /v1/responses."""
+
+    ttl_seconds: int = Field(
+        3600,
+        gt=0,
+        description="A conversation expires this long after its last activity and is archived.",
+    )
+    sweep_interval_seconds: float = Field(
+        60.0, gt=0, description="How often expired conversations are archived."
+    )
+    database: str = Field(
+        "conversations.sqlite3", description="SQLite database file (relative: under state_dir)."
+    )
+    archive_dir: str = Field(
+        "conversation_logs",
+        description="Directory for archived conversations, one JSON file each (relative: under "
+        "state_dir).",
+    )
+
+
+class LoggingSettings(_Section):
+    """[logging]: structured logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level written: debug, info, warning or error."
+    )
+    file: str = Field(
+        "",
+        description="JSON-lines log file. Empty: ~/Library/Logs/mlxd/mlxd.log (macOS) or "
+        "<state_dir>/logs/mlxd.log (Linux). Relative: under state_dir.",
+    )
+    format: Literal["auto", "console", "json"] = Field(
+        "auto",
+        description="Standard error output: 'console' (readable), 'json', or 'auto' (console on "
+        "a terminal, json otherwise). The file is always JSON.",
+    )
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=0, description="Rotate the log file at this size; 0 never rotates."
+    )
+    backup_count: int = Field(5, ge=0, description="Rotated log files kept (mlxd.log.1 ...).")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """The whole configuration; frozen, so a reload builds a new tree and swaps it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLXD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    security: SecuritySettings = Field(default_factory=SecuritySettings)  # type: ignore[arg-type]
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
+    conversations: ConversationSettings = Field(default_factory=ConversationSettings)  # type: ignore[arg-type]
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; environment variables must beat it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _exposure_needs_key(self) -> Settings:
+        if not self.server.is_loopback() and not (
+            self.security.api_keys or self.security.api_key_file
+        ):
+            raise ValueError(
+                f"server.host = {self.server.host!r} is not a loopback address and no API key is "
+                "configured. Hint: keep host = \"127.0.0.1\", or set [security] api_keys = "
+                "[\"<a long random string>\"] (or api_key_file) before exposing mlxd to a network."
+            )
+        return self
+
+    # Paths resolved against state_dir -------------------------------------------------
+    def state_dir(self) -> Path:
+        raw = self.server.state_dir
+        return Path(raw).expanduser() if raw else default_state_dir()
+
+    def _under_state(self, raw: str) -> Path:
+        path = Path(raw).expanduser()
+        return path if path.is_absolute() else self.state_dir() / path
+
+    def database_path(self) -> Path:
+        return self._under_state(self.conversations.database)
+
+    def archive_path(self) -> Path:
+        return self._under_state(self.conversations.archive_dir)
+
+    def log_path(self) -> Path:
+        if self.logging.file:
+            return self._under_state(self.logging.file)
+        if sys.platform == "darwin":
+            return default_log_file()
+        return self.state_dir() / "logs" / "mlxd.log"
+
+    def api_keys(self) -> list[str]:
+        """Keys from the config plus the key file. Raises ConfigError if the file is unreadable."""
+        keys = list(self.security.api_keys)
+        if self.security.api_key_file:
+            path = Path(self.security.api_key_file).expanduser()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(
+                    f"security.api_key_file: cannot read {path}: {exc.strerror}. Hint: create the "
+                    "file with one key per line, or remove api_key_file."
+                ) from exc
+            keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        return keys
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerSettings,
+    "security": SecuritySettings,
+    "model": ModelSettings,
+    "engine": EngineSettings,
+    "conversations": ConversationSettings,
+    "logging": LoggingSettings,
+}
+
+
+def config_path_from(arg: str | os.PathLike[str] | None) -> Path | None:
+    """The config file to read: --config, else $MLXD_CONFIG, else etc/mlxd.toml if present."""
+    if arg:
+        return Path(arg).expanduser()
+    env = os.environ.get("MLXD_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read, validate and freeze the configuration. Raises ConfigError with key path and hint."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config file {path} does not exist. Hint: pass --config with an existing file, or "
+                f"copy {DEFAULT_CONFIG_PATH} there."
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}. Hint: fix the syntax.") from exc
+        for section, value in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"{path}: unknown section [{section}]. Hint: valid sections are "
+                    + ", ".join(f"[{s}]" for s in SECTIONS)
+                    + "."
+                )
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: '{section}' must be a [{section}] table.")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    """One line per problem: the dotted key path, what is wrong, and a hint for the fix."""
+    lines = [f"invalid configuration ({where}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = str(err["loc"][0]) if len(err["loc"]) > 1 else ""
+            valid = ", ".join(SECTIONS[section].model_fields) if section in SECTIONS else ""
+            hint = f"Hint: check the spelling; valid keys in [{section}]: {valid}."
+            lines.append(f"  {loc}: unknown key. {hint}")
+        elif err["type"] == "value_error":
+            lines.append(f"  {loc or 'config'}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            field = _field_for(err["loc"])
+            hint = f" Hint: {field.description}" if field is not None and field.description else ""
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r}).{hint}")
+    return "\n".join(lines)
+
+
+def _field_for(loc: tuple[int | str, ...]) -> Any:
+    if len(loc) >= 2 and loc[0] in SECTIONS:
+        return SECTIONS[str(loc[0])].model_fields.get(str(loc[1]))
+    return None
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, with API keys masked (never print or log a key)."""
+    data = settings.model_dump(mode="json")
+    data["security"]["api_keys"] = ["***"] * len(settings.security.api_keys)
+    return data
+
+
+# Documentation rendered from the Field descriptions ------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r}")
+
+
+def render_toml() -> str:
+    """The commented etc/mlxd.toml: every key with its default and its description."""
+    out = [
+        "# mlxd configuration. Every key is shown with its default; delete what you do not change.",
+        "# Environment variables MLXD_<SECTION>__<KEY> override this file "
+        "(e.g. MLXD_SERVER__PORT=9000).",
+        "# Edits are applied while the daemon runs (a new [model] path loads the new model);",
+        "# a file that does not validate is rejected and the last good configuration stays.",
+        "# Generated from daemon/mlxd/config.py (mlxd check-config --render-toml).",
+    ]
+    for name, section in SECTIONS.items():
+        out += ["", f"[{name}]"]
+        doc = (section.__doc__ or "").split(":", 1)[-1].strip()
+        if doc:
+            out.append(f"# {doc}")
+        for key, field in section.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            for line in _wrap(field.description or "", 88):
+                out.append(f"# {line}")
+            out.append(f"{key} = {_toml_value(default)}")
+    return "\n".join(out) + "\n"
+
+
+def render_markdown() -> str:
+    """The README's configuration table."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, section in SECTIONS.items():
+        for key, field in section.model_fields.items():
+            default = _toml_value(field.get_default(call_default_factory=True))
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{name}.{key}` | `{default}` | {desc} |")
+    return "\n".join(rows) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line:
+        lines.append(line)
+    return lines
+

@@ -1,0 +1,71 @@
+"""OpenAI-style messages to prompt token ids, through the model's own chat template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .engine.loader import LoadedModel
+from .errors import BadRequest
+
+_TEXT_PARTS = {"text", "input_text", "output_text"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    in_think: bool  # the template opened a <think> block the model continues
+
+
+def content_text(content: Any, *, param: str) -> str:
+    """A message's content (string, list of text parts, or None) as plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            if not isinstance(part, dict):
+                raise BadRequest("content parts must be objects", param=f"{param}[{i}]")
+            kind = part.get("type")
+            if kind in _TEXT_PARTS:
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise BadRequest("a text part needs a string 'text'", param=f"{param}[{i}].text")
+                texts.append(text)
+            elif kind == "refusal":
+                texts.append(str(part.get("refusal", "")))
+            else:
+                raise BadRequest(
+                    f"content part type {kind!r} is not supported by this model (text only)",
+                    param=f"{param}[{i}].type",
+                    code="unsupported_content",
+                )
+        return "".join(texts)
+    raise BadRequest("content must be a string, a list of parts, or null", param=param)
+
+
+def build_prompt(
+    lm: LoadedModel, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> Prompt:
+    """Render ``messages`` with the chat template and tokenize (no MLX: any thread may call)."""
+    tokenizer = lm.tokenizer
+    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    if tools:
+        kwargs["tools"] = tools
+    if getattr(tokenizer, "chat_template", None) or getattr(
+        tokenizer._tokenizer, "chat_template", None
+    ):
+        try:
+            text = tokenizer.apply_chat_template(messages, **kwargs)
+        except Exception as exc:  # jinja errors: templates raise on role orders they reject
+            raise BadRequest(f"the model's chat template rejected these messages: {exc}") from exc
+    else:
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stripped = text.rstrip()
+    return Prompt(ids=list(ids), in_think=stripped.endswith("<think>"))
