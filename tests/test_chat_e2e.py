@@ -68,8 +68,12 @@ def test_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
 
 def test_stream_ends_with_done(http: httpx.Client) -> None:
     """The raw SSE stream is data-only frames ending with [DONE]; usage is null before the end."""
-    body = {"messages": PARIS, "max_tokens": 5, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": PARIS,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with http.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         frames = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
@@ -82,8 +86,10 @@ def test_stream_ends_with_done(http: httpx.Client) -> None:
 def test_max_tokens_cuts_with_length(client: openai.OpenAI) -> None:
     """max_completion_tokens bounds the completion and finish_reason says 'length'."""
     resp = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-        max_completion_tokens=4, temperature=0,
+        model="m",
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_completion_tokens=4,
+        temperature=0,
     )
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage is not None and resp.usage.completion_tokens == 4
@@ -114,8 +120,13 @@ def test_content_parts_and_null_content(client: openai.OpenAI) -> None:
         temperature=0,
         messages=[
             {"role": "system", "content": None},
-            {"role": "user", "content": [{"type": "text", "text": "What is the capital "},
-                                         {"type": "text", "text": "of France?"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is the capital "},
+                    {"type": "text", "text": "of France?"},
+                ],
+            },
         ],
     )
     assert "Paris" in (parts.choices[0].message.content or "")
@@ -123,11 +134,17 @@ def test_content_parts_and_null_content(client: openai.OpenAI) -> None:
 
 def test_seed_reproduces_sampling(client: openai.OpenAI) -> None:
     """The same seed at temperature 1 gives the same text twice."""
-    kw = dict(model="m", messages=[{"role": "user", "content": "Tell me a fun fact."}],
-              temperature=1.0, seed=1234, max_tokens=20)
-    a = client.chat.completions.create(**kw)  # type: ignore[call-overload]
-    b = client.chat.completions.create(**kw)  # type: ignore[call-overload]
-    assert a.choices[0].message.content == b.choices[0].message.content
+    def ask() -> str:
+        r = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "Tell me a fun fact."}],
+            temperature=1.0,
+            seed=1234,
+            max_tokens=20,
+        )
+        return r.choices[0].message.content or ""
+
+    assert ask() == ask()
 
 
 def test_four_concurrent_streams_are_coherent(shared_daemon: Daemon) -> None:
@@ -142,13 +159,18 @@ def test_four_concurrent_streams_are_coherent(shared_daemon: Daemon) -> None:
 
     def alone(q: str) -> str:
         r = client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24)
+            model="m", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24
+        )
         return r.choices[0].message.content or ""
 
     def streamed(q: str) -> str:
         s = client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24,
-            stream=True)
+            model="m",
+            messages=[{"role": "user", "content": q}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+        )
         return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
 
     expected = [alone(q) for q in questions]

@@ -36,7 +36,9 @@ def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
         ({"messages": MSG, "max_tokens": 10_000_000}, "max_tokens"),
     ],
 )
-def test_invalid_requests_are_400(http: httpx.Client, body: dict[str, Any], param: str | None) -> None:
+def test_invalid_requests_are_400(
+    http: httpx.Client, body: dict[str, Any], param: str | None
+) -> None:
     """Each malformed request is a 400 invalid_request_error naming the parameter."""
     err = assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
     assert err["type"] == "invalid_request_error"
@@ -46,8 +48,9 @@ def test_invalid_requests_are_400(http: httpx.Client, body: dict[str, Any], para
 
 def test_invalid_json_is_400(http: httpx.Client) -> None:
     """A body that is not JSON is a 400, not a 500."""
-    resp = http.post("/v1/chat/completions", content=b"{not json",
-                     headers={"content-type": "application/json"})
+    resp = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_openai_error(resp, 400)
 
 
@@ -64,8 +67,9 @@ def test_wrong_method_is_405(http: httpx.Client) -> None:
 def test_body_over_limit_is_413(http: httpx.Client) -> None:
     """A body above server.max_body_bytes (32 MiB default) is refused with 413."""
     big = b'{"messages": [{"role": "user", "content": "' + b"a" * (33 * 1024 * 1024) + b'"}]}'
-    resp = http.post("/v1/chat/completions", content=big,
-                     headers={"content-type": "application/json"})
+    resp = http.post(
+        "/v1/chat/completions", content=big, headers={"content-type": "application/json"}
+    )
     assert_openai_error(resp, 413)
 
 

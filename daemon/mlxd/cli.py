@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "logs":
         from .logview import run as run_logs
 
-        return run_logs(settings, args)
+        return int(run_logs(settings, args))
     return _serve(settings, path)
 
 

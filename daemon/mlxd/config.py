@@ -173,14 +173,17 @@ class ModelSettings(_Section):
     reasoning: Literal["separate", "strip", "inline"] = Field(
         "separate",
         description="What to do with <think>...</think> blocks: 'separate' returns them as "
-        "reasoning_content / reasoning items, 'strip' drops them, 'inline' leaves them in the text.",
+        "reasoning_content / reasoning items, 'strip' drops them, 'inline' leaves them in the "
+        "text.",
     )
 
     @field_validator("path")
     @classmethod
     def _path_not_empty(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("must not be empty; use 'bundled:SmolLM2-135M-Instruct' for the default")
+            raise ValueError(
+                "must not be empty; use 'bundled:SmolLM2-135M-Instruct' for the default"
+            )
         return value.strip()
 
 
@@ -302,8 +305,8 @@ class Settings(BaseSettings):
         ):
             raise ValueError(
                 f"server.host = {self.server.host!r} is not a loopback address and no API key is "
-                "configured. Hint: keep host = \"127.0.0.1\", or set [security] api_keys = "
-                "[\"<a long random string>\"] (or api_key_file) before exposing mlxd to a network."
+                'configured. Hint: keep host = "127.0.0.1", or set [security] api_keys = '
+                '["<a long random string>"] (or api_key_file) before exposing mlxd to a network.'
             )
         return self
 
@@ -487,4 +490,3 @@ def _wrap(text: str, width: int) -> list[str]:
     if line:
         lines.append(line)
     return lines
-

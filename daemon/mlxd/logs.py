@@ -20,8 +20,12 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .config import LoggingSettings
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 #: Keys never written to a log line, whatever an event carries.
 _SECRET_KEYS = frozenset({"authorization", "api_key", "api_keys", "password", "body"})
 _HANDLER_TAG = "_mlxd_handler"
@@ -57,7 +61,9 @@ def _order_keys(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     return {**head, **event_dict}
 
 
-def setup_logging(settings: LoggingSettings, log_file: Path | None, *, console: bool = True) -> None:
+def setup_logging(
+    settings: LoggingSettings, log_file: Path | None, *, console: bool = True
+) -> None:
     """Configure structlog and the stdlib root logger. Safe to call again (replaces handlers)."""
     structlog.configure(
         processors=[

@@ -35,7 +35,9 @@ def content_text(content: Any, *, param: str) -> str:
             if kind in _TEXT_PARTS:
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise BadRequest("a text part needs a string 'text'", param=f"{param}[{i}].text")
+                    raise BadRequest(
+                        "a text part needs a string 'text'", param=f"{param}[{i}].text"
+                    )
                 texts.append(text)
             elif kind == "refusal":
                 texts.append(str(part.get("refusal", "")))

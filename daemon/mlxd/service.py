@@ -22,6 +22,7 @@ from typing import Any
 from .api.app import AppState, create_app
 from .config import Settings
 from .engine.core import Engine
+from .engine.loader import LoadedModel
 from .errors import ModelUnavailable
 from .logs import get_logger
 
@@ -74,9 +75,11 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.engine.on_loaded.append(
-            lambda lm: loop.call_soon_threadsafe(self._on_model_loaded, lm.id)
-        )
+
+        def loaded(lm: LoadedModel) -> None:
+            loop.call_soon_threadsafe(self._on_model_loaded, lm.id)
+
+        self.engine.on_loaded.append(loaded)
         self.engine.start()
         await self._start_background(loop)
         app = create_app(self.state)

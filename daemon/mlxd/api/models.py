@@ -56,5 +56,7 @@ async def list_models() -> Response:
 async def get_model(model_id: str) -> Response:
     lm = state().engine.current
     if lm is None or model_id != lm.id:
-        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        raise NotFound(
+            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+        )
     return jsonify(model_object(lm.id, lm.created))

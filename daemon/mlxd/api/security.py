@@ -36,7 +36,11 @@ def _host_name(host_header: str) -> str:
 def host_allowed(st: AppState, host_header: str | None) -> bool:
     if not host_header:
         return False
-    allowed = {*LOOPBACK_NAMES, st.settings.server.host.lower(), *map(str.lower, st.settings.server.allowed_hosts)}
+    allowed = {
+        *LOOPBACK_NAMES,
+        st.settings.server.host.lower(),
+        *map(str.lower, st.settings.server.allowed_hosts),
+    }
     if "*" in allowed:
         return True
     return _host_name(host_header) in allowed

@@ -20,6 +20,7 @@ answered with a 503 the OpenAI SDK retries by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -105,10 +106,9 @@ class Job:
     _get: asyncio.Future[Event] | None = None
 
     def send(self, event: Event) -> None:
-        try:
+        # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
-            pass
 
     def cancel(self) -> None:
         """Called from the event loop when the client went away (or the request is over)."""
@@ -388,7 +388,9 @@ class Engine:
         if p.repetition_penalty and p.repetition_penalty != 1.0:
             processors += make_logits_processors(repetition_penalty=p.repetition_penalty)
         job.detokenizer = lm.tokenizer.detokenizer
-        job.text = TextFilter(stop=list(p.stop), reasoning=job.reasoning_mode, in_think=job.in_think)
+        job.text = TextFilter(
+            stop=list(p.stop), reasoning=job.reasoning_mode, in_think=job.in_think
+        )
         job.deadline = time.monotonic() + p.timeout
         (job.uid,) = self._gen.insert(
             [job.prompt],
@@ -416,9 +418,10 @@ class Engine:
             return
         _, responses = self._gen.next()
         for r in responses:
-            job = self._active.get(r.uid)
-            if job is None:
+            found = self._active.get(r.uid)
+            if found is None:
                 continue
+            job = found
             if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
                 self._finish(job, "stop")
                 continue

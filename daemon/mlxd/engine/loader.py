@@ -19,9 +19,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .. import backend
 from ..config import ModelSettings
 from ..errors import ModelLoadError
-from .. import backend
 from ..models.source import ModelSource, resolve
 
 #: 'auto' dequantizes on the CPU only while float32 weights stay under this share of RAM.
