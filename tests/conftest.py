@@ -25,6 +25,11 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from mlxd.backend import preload_blas
+
+# In-process tests load models too: choose the BLAS before any test module imports mlx.
+preload_blas()
+
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 90.0
 

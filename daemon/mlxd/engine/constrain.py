@@ -40,7 +40,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import llguidance
 import mlx.core as mx
@@ -49,6 +49,9 @@ from llguidance import LLMatcher, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from ..errors import BadRequest
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 __all__ = [
     "Grammar",
@@ -65,7 +68,7 @@ __all__ = [
 #: ``"x-guidance"`` key cannot turn on ``lenient`` (silently ignoring unsupported keywords)
 #: or free-form whitespace. ``coerce_one_of`` stays off: a ``oneOf`` whose branches are not
 #: provably disjoint is refused rather than enforced as ``anyOf``.
-_JSON_OPTIONS: Final[dict[str, Any]] = {
+_JSON_OPTIONS: Final[JsonCompileOptions] = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
@@ -137,8 +140,9 @@ def tokenizer_info_for(tokenizer: Any) -> TokenizerInfo:
     Accepts an mlx-lm ``TokenizerWrapper``, a ``transformers`` fast tokenizer or a
     ``tokenizers.Tokenizer``. llguidance reads the tokenizer's own ``tokenizer.json``
     serialization, so byte-level BPE, added and special tokens come out exactly as the model
-    sees them; ``transformers`` itself is not needed. EOS ids are all of the wrapper's
-    ``eos_token_ids`` (chat models often have several end-of-turn tokens).
+    sees them; ``transformers`` itself is not needed. EOS ids are the wrapper's
+    ``eos_token_ids`` plus ``eos_token_id`` (chat models often have several end-of-turn
+    tokens), the same set :mod:`mlxd.engine.loader` gives ``BatchGenerator`` as stop tokens.
     """
     with _info_lock:
         try:
@@ -169,10 +173,12 @@ def _build_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
     backend = copy.copy(backend)  # padding/truncation would change what to_str() describes
     backend.no_padding()
     backend.no_truncation()
-    eos: set[int] = set(getattr(tokenizer, "eos_token_ids", None) or ())
-    eos_id = getattr(hf, "eos_token_id", None)
-    if not eos and eos_id is not None:
-        eos.add(int(eos_id))
+    # The same set the engine stops on (loader: eos_token_ids plus eos_token_id): a grammar
+    # EOS the engine did not stop on would leave the sequence emitting EOS until max_tokens.
+    eos: set[int] = set()
+    for ids in (getattr(tokenizer, "eos_token_ids", None), getattr(hf, "eos_token_id", None)):
+        if ids is not None:
+            eos.update([int(ids)] if isinstance(ids, int) else (int(t) for t in ids))
     if not eos:
         raise GrammarUnsupported("constrained decoding needs an end-of-sequence token")
     ll = LLTokenizer(backend.to_str(), eos_token=sorted(eos))
@@ -311,7 +317,9 @@ def _compile(info: TokenizerInfo, schema: dict[str, Any], *, kind: str) -> Gramm
 
 def _unsupported(message: str) -> GrammarUnsupported:
     """Turn an llguidance compile error into a client-facing one naming the feature."""
-    message = message.strip().splitlines()[0] if message.strip() else "invalid JSON schema"
+    # llguidance's messages can span lines (regex errors draw a caret under the pattern).
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    message = message or "invalid JSON schema"
     if m := _UNIMPLEMENTED_RE.search(message):
         keys = [k.strip().strip('"') for k in m.group(1).split(",") if k.strip()]
         feature = ", ".join(keys)
@@ -528,9 +536,9 @@ class GrammarProcessor:
         if self._seen is None:
             self._seen = n  # the prompt: nothing generated yet
         elif n > self._seen:
-            new = tokens.reshape(-1)[self._seen :].tolist()
+            new = cast(list[int], tokens.reshape(-1)[self._seen :].tolist())
             self._seen = n
-            self.advance(new if isinstance(new, list) else [new])
+            self.advance(new)
         else:
             self._seen = n  # context did not grow (not expected); feed nothing
 

@@ -34,6 +34,7 @@ from ..config import EngineSettings, ModelSettings
 from ..errors import GenerationFailed, MlxdError, ModelLoadError, ModelUnavailable, Overloaded
 from ..logs import get_logger
 from .loader import LoadedModel
+from .promptcache import PromptCache
 from .textfilter import TextFilter
 
 log = get_logger("mlxd.engine")
@@ -150,6 +151,7 @@ class Engine:
         self.device: dict[str, str] = {}
         self.counters = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
         self.ready_event = threading.Event()
+        self.prompt_cache = PromptCache(engine_settings.prompt_cache_bytes)
         self.on_loaded: list[Callable[[LoadedModel], None]] = []
 
     # -- called from any thread -----------------------------------------------------------
@@ -160,8 +162,10 @@ class Engine:
         self._thread.start()
 
     def retune(self, engine_settings: EngineSettings) -> None:
-        """Apply live-tunable engine settings (queue bound); batch size applies on next load."""
+        """Apply live-tunable engine settings (queue bound, cache budget); batch size applies
+        to the next generator (next model load)."""
         self.settings = engine_settings
+        self.prompt_cache.resize(engine_settings.prompt_cache_bytes)
 
     def require_model(self) -> LoadedModel:
         """The model to tokenize for, or a 503 that tells the client to come back."""
@@ -302,6 +306,7 @@ class Engine:
                 fut.set_exception(ModelLoadError(self.load_error))
             return
         self.current = lm
+        self.prompt_cache.clear()  # KV caches of another model are meaningless
         self._new_generator()
         self._model_settings = settings
         self.load_error = None
@@ -392,9 +397,13 @@ class Engine:
             stop=list(p.stop), reasoning=job.reasoning_mode, in_think=job.in_think
         )
         job.deadline = time.monotonic() + p.timeout
+        cache, n_cached = self.prompt_cache.lookup(job.prompt)
+        job.cached_tokens = n_cached
         (job.uid,) = self._gen.insert(
-            [job.prompt],
+            [job.prompt[n_cached:]],
             max_tokens=[p.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[job.prompt[:n_cached]],
             samplers=[sampler],
             logits_processors=[processors],
             stop_sequences=[self._stops],
@@ -422,6 +431,8 @@ class Engine:
             if found is None:
                 continue
             job = found
+            if r.finish_reason is not None and r.prompt_cache is not None:
+                self.prompt_cache.store(r.all_tokens, r.prompt_cache)
             if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
                 self._finish(job, "stop")
                 continue
@@ -441,7 +452,10 @@ class Engine:
             job.reasoning_chars += len(piece.reasoning)
             job.send(Delta(piece.content, piece.reasoning))
         if piece is not None and piece.stopped:
-            self._gen.remove([job.uid])
+            kept = self._gen.remove([job.uid], return_prompt_caches=True)
+            if job.uid in kept:
+                cache, tokens = kept[job.uid]
+                self.prompt_cache.store(tokens, cache)
             self._finish(job, "stop", flush=False)
 
     def _finish(self, job: Job, reason: str, *, flush: bool = True) -> None:
