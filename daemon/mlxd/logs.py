@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,10 @@ def setup_logging(
             )
         else:
             stream.setFormatter(json_formatter)
+        if log_file is not None and _stderr_is_regular_file():
+            # launchd's StandardErrorPath is a plain file nobody rotates: it would grow
+            # forever with a copy of the log. Keep only warnings and errors there.
+            stream.setLevel(logging.WARNING)
         handlers.append(stream)
     for handler in handlers:
         setattr(handler, _HANDLER_TAG, True)
@@ -133,6 +139,13 @@ def setup_logging(
     set_level(settings.level)
     # hypercorn's access log duplicates request.completed; its error log is kept.
     logging.getLogger("hypercorn.access").disabled = True
+
+
+def _stderr_is_regular_file() -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(sys.stderr.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def set_level(level: str) -> None:
