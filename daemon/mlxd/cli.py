@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxd: {exc}", file=sys.stderr)
         return EX_CONFIG
     # The BLAS must be chosen before anything imports mlx (see mlxd.backend).
-    from .backend import preload_blas
+    from .backend import preload_blas, set_kernel_cache
 
     preload_blas(settings.engine.blas)
+    set_kernel_cache(settings.state_dir())  # before mlx import, like the BLAS
     if command == "check-config":
         return _check_config(settings, path)
     if command == "export-model":
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         from .logview import run as run_logs
 
         return int(run_logs(settings, args))
-    return _serve(settings, path)
+    return _serve(settings, path, list(sys.argv[1:] if argv is None else argv))
 
 
 def _check_config(settings: Settings, path: Path | None) -> int:
@@ -118,7 +119,7 @@ def _export_model(settings: Settings, out: Path, dtype: str) -> int:
     return 0
 
 
-def _serve(settings: Settings, path: Path | None) -> int:
+def _serve(settings: Settings, path: Path | None, argv: list[str]) -> int:
     from .logs import get_logger, setup_logging
     from .service import Service
 
@@ -127,13 +128,37 @@ def _serve(settings: Settings, path: Path | None) -> int:
     except OSError as exc:
         print(f"mlxd: cannot open log file {settings.log_path()}: {exc}", file=sys.stderr)
         return EX_CONFIG
+    service = Service(settings, path)
     try:
-        return asyncio.run(Service(settings, path).run())
+        code = asyncio.run(service.run())
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
         get_logger("mlxd").exception("server.crashed", error=str(exc))
         return 1
+    if code == 0 and service.restart_requested:
+        _restart(argv)  # returns only if exec failed
+        return 1
+    return code
+
+
+def _restart(argv: list[str]) -> None:
+    """Replace this process with a fresh ``mlxd`` (config reload changed host/port): the PID
+    stays, so launchd/systemd never see an exit, and the new process reads the config anew."""
+    import logging
+    import os
+
+    from .logs import get_logger
+
+    command = [sys.executable, "-m", "mlxd", *argv]
+    get_logger("mlxd").info("server.restarting", argv=command[1:])
+    logging.shutdown()  # flush and close the log file before the image is replaced
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, command)
+    except OSError as exc:
+        print(f"mlxd: restart failed: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

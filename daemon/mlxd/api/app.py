@@ -62,6 +62,9 @@ class RequestRecord:
     streaming: bool = False
     error: str | None = None
     done: bool = False
+    route: str = ""  # the URL rule (bounded, unlike path), for metrics
+    first_token_at: float | None = None  # perf_counter at the first generated text
+    metrics: Any = None  # the app's Metrics; finish() may run outside the request context
 
     def finish(self, status: int) -> None:
         if self.done:
@@ -85,7 +88,7 @@ class RequestRecord:
             fields["error"] = self.error
         level = "warning" if status >= 500 else "info"
         getattr(log, level)("request.completed", **fields)
-        metrics = current_metrics()
+        metrics = self.metrics if self.metrics is not None else current_metrics()
         if metrics is not None:
             metrics.observe_request(self, status)
 
@@ -119,6 +122,10 @@ def create_app(app_state: AppState) -> Quart:
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 120
     app.config["MAX_CONTENT_LENGTH"] = app_state.settings.server.max_body_bytes
+    if app_state.metrics is None:
+        from ..metrics import Metrics
+
+        app_state.metrics = Metrics(app_state.engine)
 
     from .chat import bp as chat_bp
     from .models import bp as models_bp
@@ -132,13 +139,25 @@ def create_app(app_state: AppState) -> Quart:
     if responses_bp is not None:
         app.register_blueprint(responses_bp)
 
+    @app.get("/metrics")
+    async def _metrics() -> Response:
+        body, content_type = state().metrics.render()
+        return Response(body, content_type=content_type)
+
     @app.before_request
     async def _begin() -> Response | None:
         rid = request.headers.get("X-Request-ID", "")
         if not rid or len(rid) > 128 or not rid.isprintable():
             rid = f"req_{uuid.uuid4().hex[:24]}"
-        g.mlxd_record = RequestRecord(rid, request.method, request.path, time.perf_counter())
         st = state()
+        g.mlxd_record = RequestRecord(
+            rid,
+            request.method,
+            request.path,
+            time.perf_counter(),
+            route=request.url_rule.rule if request.url_rule is not None else "",
+            metrics=st.metrics,
+        )
         app.config["MAX_CONTENT_LENGTH"] = st.settings.server.max_body_bytes
         length = request.content_length
         if length is not None and length > st.settings.server.max_body_bytes:

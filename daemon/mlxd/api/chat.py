@@ -145,12 +145,15 @@ def _usage(fin: Finished) -> dict[str, Any]:
 
 async def _complete(job: Job, cid: str, created: int, model_id: str) -> Response:
     st = state()
+    rec = record()
     content: list[str] = []
     reasoning: list[str] = []
     fin: Finished | None = None
     try:
         async for event in st.engine.collect(job):
             if isinstance(event, Delta):
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.perf_counter()
                 content.append(event.content)
                 reasoning.append(event.reasoning)
             elif isinstance(event, Failed):
@@ -160,7 +163,6 @@ async def _complete(job: Job, cid: str, created: int, model_id: str) -> Response
     finally:
         job.cancel()
     assert fin is not None
-    rec = record()
     rec.completion_tokens = fin.completion_tokens
     rec.cached_tokens = fin.cached_tokens
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
@@ -228,6 +230,8 @@ async def _stream(
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, Delta):
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.perf_counter()
                 delta: dict[str, Any] = {}
                 if event.reasoning:
                     delta["reasoning_content"] = event.reasoning

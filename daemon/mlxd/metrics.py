@@ -1,0 +1,130 @@
+"""Prometheus metrics, served as text at ``GET /metrics`` (open like ``/health``).
+
+Each app owns its own ``CollectorRegistry`` (never the process-global one), so tests can build
+several apps side by side. Request metrics are observed once per request, from the canonical
+``request.completed`` record; gauges that describe the engine (queue, active sequences, model)
+are read from it at scrape time, so they are never stale.
+
+    mlxd_requests_total{route,status}          counter; route is the URL rule, not the path
+    mlxd_prompt_tokens_total                   counter
+    mlxd_completion_tokens_total               counter
+    mlxd_time_to_first_token_seconds           histogram, request start -> first text delta
+    mlxd_decode_tokens_per_second              histogram, per request, after the first token
+    mlxd_queue_depth / mlxd_active_sequences   gauges
+    mlxd_model_load_seconds                    gauge, load time of the served model
+    mlxd_model_info{model,backend,dtype}       gauge = 1 for the served model
+    mlxd_model_ready                           gauge, 1 when a model serves
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .engine.core import Engine
+
+#: Time to first token: interactive use cares about 0.05-2 s; long prompts on a CPU take longer.
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+#: Decode speed per request: a 2-core CPU makes ~10-20 tok/s, Apple GPUs 50-500.
+TPS_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        yield GaugeMetricFamily(
+            "mlxd_queue_depth", "Requests waiting for a batch slot.", value=engine.queue_depth()
+        )
+        yield GaugeMetricFamily(
+            "mlxd_active_sequences", "Sequences being decoded now.", value=engine.active_count()
+        )
+        yield GaugeMetricFamily(
+            "mlxd_model_ready",
+            "1 when a model is loaded and serving.",
+            value=1.0 if engine.state == "ready" else 0.0,
+        )
+        lm = engine.current
+        load = GaugeMetricFamily(
+            "mlxd_model_load_seconds", "Seconds it took to load the served model."
+        )
+        info = GaugeMetricFamily(
+            "mlxd_model_info",
+            "The served model (value is always 1).",
+            labels=["model", "backend", "dtype"],
+        )
+        if lm is not None:
+            load.add_metric([], lm.load_seconds)
+            backend = engine.device.get("backend", "unknown")
+            info.add_metric([lm.id, backend, lm.dtype], 1.0)
+        yield load
+        yield info
+
+
+class Metrics:
+    """The metrics of one app; ``observe_request`` is called by ``RequestRecord.finish``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "mlxd_requests",
+            "HTTP requests by route and final status (499: the client went away).",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "mlxd_prompt_tokens", "Prompt tokens processed.", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "mlxd_completion_tokens", "Completion tokens generated.", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "mlxd_time_to_first_token_seconds",
+            "Seconds from request start to the first generated text.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.decode_tps = Histogram(
+            "mlxd_decode_tokens_per_second",
+            "Per-request decode speed: completion tokens after the first, per second.",
+            buckets=TPS_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engine))
+
+    def observe_request(self, record: Any, status: int) -> None:
+        """Count one finished request (a ``RequestRecord``); safe to call from any route."""
+        now = time.perf_counter()
+        route = getattr(record, "route", "") or "unmatched"
+        self.requests.labels(route=route, status=str(status)).inc()
+        if record.prompt_tokens:
+            self.prompt_tokens.inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.completion_tokens.inc(record.completion_tokens)
+        first = getattr(record, "first_token_at", None)
+        if first is None:
+            return
+        self.ttft.observe(max(first - record.started, 0.0))
+        decoded = (record.completion_tokens or 0) - 1
+        if decoded > 0 and now > first:
+            self.decode_tps.observe(decoded / (now - first))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,147 @@
+"""Prometheus metrics: the Metrics object, the /metrics route in-process, and the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2 as httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from mlxd.api.app import AppState, RequestRecord, create_app
+from mlxd.config import Settings
+from mlxd.metrics import Metrics
+
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class FakeModel:
+    id: str = "fake-model"
+    dtype: str = "float32"
+    load_seconds: float = 1.5
+    created: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id}
+
+
+@dataclass
+class FakeEngine:
+    """What metrics and the read-only routes read from the engine."""
+
+    current: FakeModel | None = field(default_factory=FakeModel)
+    state: str = "ready"
+    device: dict[str, str] = field(default_factory=lambda: {"device": "cpu", "backend": "cpu"})
+    load_error: str | None = None
+    depth: int = 3
+    active: int = 2
+
+    def queue_depth(self) -> int:
+        return self.depth
+
+    def active_count(self) -> int:
+        return self.active
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Exposition text as {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_observe_request_counts_tokens_and_timings() -> None:
+    """A finished generation counts its route/status and tokens and fills both histograms."""
+    metrics = Metrics(FakeEngine())  # type: ignore[arg-type]
+    rec = RequestRecord("r1", "POST", "/v1/chat/completions", time.perf_counter() - 2.0,
+                        route="/v1/chat/completions", prompt_tokens=12, completion_tokens=21)
+    rec.first_token_at = rec.started + 0.5
+    metrics.observe_request(rec, 200)
+    metrics.observe_request(RequestRecord("r2", "GET", "/nope", time.perf_counter()), 404)
+    text = metrics.render()[0].decode()
+    assert value(text, "mlxd_requests_total", route="/v1/chat/completions", status="200") == 1
+    assert value(text, "mlxd_requests_total", route="unmatched", status="404") == 1
+    assert value(text, "mlxd_prompt_tokens_total") == 12
+    assert value(text, "mlxd_completion_tokens_total") == 21
+    assert value(text, "mlxd_time_to_first_token_seconds_count") == 1
+    assert value(text, "mlxd_time_to_first_token_seconds_sum") == 0.5
+    assert value(text, "mlxd_decode_tokens_per_second_count") == 1
+    # 20 tokens after the first, over ~1.5 s
+    assert 5 < value(text, "mlxd_decode_tokens_per_second_sum") < 20
+
+
+def test_engine_gauges_are_read_at_scrape_time() -> None:
+    """Queue depth, active sequences, load time and model info come from the engine when
+    scraped; with no model loaded the model series are absent and ready is 0."""
+    engine = FakeEngine()
+    metrics = Metrics(engine)  # type: ignore[arg-type]
+    text = metrics.render()[0].decode()
+    assert value(text, "mlxd_queue_depth") == 3 and value(text, "mlxd_active_sequences") == 2
+    assert value(text, "mlxd_model_load_seconds") == 1.5
+    assert value(text, "mlxd_model_ready") == 1
+    assert value(text, "mlxd_model_info", model="fake-model", backend="cpu", dtype="float32") == 1
+    engine.current, engine.state, engine.depth = None, "failed", 0
+    text = metrics.render()[0].decode()
+    assert value(text, "mlxd_queue_depth") == 0 and value(text, "mlxd_model_ready") == 0
+    assert not any(name == "mlxd_model_info" for name, _ in samples(text))
+
+
+def test_metrics_route_is_open_and_per_app() -> None:
+    """/metrics needs no API key, serves the text format, and each app counts on its own
+    registry (two apps in one process do not share or clash)."""
+    settings = Settings(security={"api_keys": ["secret"]})
+
+    async def scrape(app: Any, calls: int) -> str:
+        client = app.test_client()
+        for _ in range(calls):
+            resp = await client.get("/v1/models", headers={"Authorization": "Bearer secret"})
+            assert resp.status_code == 200
+        resp = await client.get("/metrics")
+        assert resp.status_code == 200
+        assert resp.content_type.startswith("text/plain")
+        return str(await resp.get_data(as_text=True))
+
+    first = create_app(AppState(settings=settings, engine=FakeEngine()))  # type: ignore[arg-type]
+    second = create_app(AppState(settings=settings, engine=FakeEngine()))  # type: ignore[arg-type]
+    text_first = asyncio.run(scrape(first, 2))
+    text_second = asyncio.run(scrape(second, 1))
+    assert value(text_first, "mlxd_requests_total", route="/v1/models", status="200") == 2
+    assert value(text_second, "mlxd_requests_total", route="/v1/models", status="200") == 1
+
+
+def test_daemon_metrics_after_requests(client: openai.OpenAI, http: httpx.Client) -> None:
+    """Against the real daemon: after a non-streaming and a streaming chat request the request
+    and token counters have grown and the time-to-first-token and decode-speed histograms
+    have observations; the model info names the served model."""
+    before = http.get("/metrics").text
+    client.chat.completions.create(model="m", messages=PARIS, max_tokens=12, temperature=0)
+    list(client.chat.completions.create(
+        model="m", messages=PARIS, max_tokens=12, temperature=0, stream=True
+    ))
+    resp = http.get("/metrics")
+    assert resp.status_code == 200
+    after = resp.text
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("mlxd_requests_total", route="/v1/chat/completions", status="200") == 2
+    assert grew("mlxd_requests_total", route="/metrics", status="200") == 1
+    assert grew("mlxd_prompt_tokens_total") > 0
+    assert grew("mlxd_completion_tokens_total") > 0
+    assert grew("mlxd_time_to_first_token_seconds_count") == 2
+    assert grew("mlxd_decode_tokens_per_second_count") == 2
+    assert value(after, "mlxd_model_ready") == 1
+    assert value(after, "mlxd_model_load_seconds") > 0
+    info = [labels for name, labels in samples(after) if name == "mlxd_model_info"]
+    assert len(info) == 1 and ("model", "SmolLM2-135M-Instruct") in info[0]

@@ -1,0 +1,227 @@
+"""Config reload logic with a small fake service and engine (no model, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlxd import reload
+from mlxd.config import ModelSettings, Settings, load_settings
+from mlxd.errors import ModelLoadError
+
+
+class FakeEngine:
+    """Records what reload asks of the engine; loads succeed unless ``fail`` is set."""
+
+    def __init__(self) -> None:
+        self.loads: list[ModelSettings] = []
+        self.retuned: list[Any] = []
+        self.fail: str | None = None
+
+    def request_load(self, settings: ModelSettings) -> Future[Any]:
+        self.loads.append(settings)
+        fut: Future[Any] = Future()
+        if self.fail:
+            fut.set_exception(ModelLoadError(self.fail))
+        else:
+            fut.set_result(object())
+        return fut
+
+    def retune(self, settings: Any) -> None:
+        self.retuned.append(settings)
+
+
+class FakeState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.api_keys = settings.api_keys()
+        self.last_reload: dict[str, Any] | None = None
+        self.shutting_down = False
+
+
+class FakeService:
+    """The attributes of ``mlxd.service.Service`` that reload uses."""
+
+    def __init__(self, path: Path) -> None:
+        self.config_path = path
+        self.settings = load_settings(path)
+        self.engine = FakeEngine()
+        self.state = FakeState(self.settings)
+        self.shutdown = asyncio.Event()
+        self.restart_requested = False
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "mlxd.toml"
+    path.write_text(f'[model]\ntemperature = 0.5\n[server]\nstate_dir = "{tmp_path}"\n')
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _keep_log_level() -> Any:
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def write(path: Path, text: str) -> None:
+    """Save like an editor does: temporary file in the same directory, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_diff_names_changed_key_paths() -> None:
+    """diff() lists dotted key paths of changed values only, sorted."""
+    old = Settings()
+    new = Settings(model={"path": "/x", "temperature": 0.1}, logging={"level": "debug"})
+    assert reload.diff(old, new) == ["logging.level", "model.path", "model.temperature"]
+    assert reload.diff(old, Settings()) == []
+
+
+def test_live_keys_swap_settings_without_model_load(config: Path) -> None:
+    """Generation defaults and log level apply by swapping the settings; no model load."""
+    svc = FakeService(config)
+    write(config, config.read_text().replace("0.5", "0.2") + '[logging]\nlevel = "debug"\n')
+    assert run(reload.reload_now(svc, trigger="file"))  # type: ignore[arg-type]
+    assert svc.settings.model.temperature == 0.2
+    assert svc.state.settings is svc.settings
+    assert logging.getLogger().level == logging.DEBUG
+    assert svc.engine.loads == []
+    assert svc.state.last_reload is not None
+    assert svc.state.last_reload["ok"] is True
+    assert svc.state.last_reload["changed"] == ["logging.level", "model.temperature"]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[model\npath = ", "not valid TOML"),
+        ("[model]\nbogus = 1\n", "model.bogus: unknown key"),
+        ("[conversations]\nttl_seconds = -5\n", "conversations.ttl_seconds"),
+        ('[security]\napi_key_file = "/nonexistent/keys"\n', "security.api_key_file"),
+    ],
+)
+def test_invalid_file_keeps_last_good_config(config: Path, text: str, reason: str) -> None:
+    """A file that does not parse or validate changes nothing; last_reload carries the reason."""
+    svc = FakeService(config)
+    before = svc.settings
+    write(config, text)
+    assert not run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert svc.settings is before and svc.state.settings is before
+    assert svc.state.last_reload is not None
+    assert svc.state.last_reload["ok"] is False
+    assert reason in svc.state.last_reload["error"]
+
+
+def test_model_change_loads_then_swaps(config: Path) -> None:
+    """A new [model] path is loaded on the engine first, then the settings are swapped."""
+    svc = FakeService(config)
+    text = config.read_text().replace("[model]\n", '[model]\npath = "/m/other"\nid = "other"\n')
+    write(config, text)
+    assert run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert [m.path for m in svc.engine.loads] == ["/m/other"]
+    assert svc.settings.model.id == "other"
+    assert svc.state.last_reload is not None
+    assert svc.state.last_reload["changed"] == ["model.id", "model.path"]
+
+
+def test_model_that_fails_to_load_rejects_the_edit(config: Path) -> None:
+    """If the new model cannot load, nothing of the edit applies and the error is recorded."""
+    svc = FakeService(config)
+    svc.engine.fail = "no such directory"
+    before = svc.settings
+    write(config, config.read_text().replace("[model]\n", '[model]\npath = "/nope"\n'))
+    assert not run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert svc.settings is before
+    assert svc.state.last_reload is not None
+    assert svc.state.last_reload["ok"] is False
+    assert "no such directory" in svc.state.last_reload["error"]
+
+
+def test_engine_keys_retune_engine(config: Path) -> None:
+    """An [engine] change goes to Engine.retune with the new section."""
+    svc = FakeService(config)
+    write(config, config.read_text() + "[engine]\nmax_queue = 3\n")
+    assert run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert [e.max_queue for e in svc.engine.retuned] == [3]
+
+
+def test_port_change_requests_orderly_restart(config: Path) -> None:
+    """A new port sets restart_requested and the shutdown event (cli re-executes after)."""
+    svc = FakeService(config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write(config, config.read_text().replace("[server]\n", f"[server]\nport = {port}\n"))
+    assert run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert svc.restart_requested and svc.shutdown.is_set() and svc.state.shutting_down
+
+
+def test_port_in_use_is_rejected_without_restart(config: Path) -> None:
+    """A port another process holds is rejected before the daemon gives up its own."""
+    svc = FakeService(config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        write(config, config.read_text().replace("[server]\n", f"[server]\nport = {port}\n"))
+        assert not run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert not svc.restart_requested and not svc.shutdown.is_set()
+    assert svc.state.last_reload is not None
+    assert "server.port" in svc.state.last_reload["error"]
+
+
+def test_sighup_rereads_api_key_file(tmp_path: Path) -> None:
+    """request() (the SIGHUP handler) schedules a reload that picks up a changed key file."""
+    keys = tmp_path / "keys"
+    keys.write_text("first\n")
+    path = tmp_path / "mlxd.toml"
+    path.write_text(f'[security]\napi_key_file = "{keys}"\n')
+    svc = FakeService(path)
+    assert svc.state.api_keys == ["first"]
+    keys.write_text("# rotated\nsecond\n")
+
+    async def main() -> None:
+        reload.request(svc)  # type: ignore[arg-type]
+        for _ in range(100):
+            if svc.state.last_reload is not None:
+                return
+            await asyncio.sleep(0.02)
+
+    run(main())
+    assert svc.state.api_keys == ["second"]
+    assert svc.state.last_reload is not None
+    assert svc.state.last_reload["changed"] == ["security.api_key_file"]
+
+
+def test_watch_applies_renamed_file_and_stops_on_shutdown(config: Path) -> None:
+    """watch() sees an editor-style save (rename over the file) and ends when shutdown is set."""
+    svc = FakeService(config)
+    edited = config.read_text().replace("0.5", "0.9")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(reload.watch(svc))  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)  # let the watcher start
+        write(config, edited)
+        for _ in range(100):
+            if svc.settings.model.temperature == 0.9:
+                break
+            await asyncio.sleep(0.05)
+        svc.shutdown.set()
+        await asyncio.wait_for(task, 5)
+
+    run(main())
+    assert svc.settings.model.temperature == 0.9
