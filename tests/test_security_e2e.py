@@ -107,7 +107,8 @@ def test_default_bind_is_loopback(shared_daemon: Daemon) -> None:
 
 # -- CORS ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "origin", ["http://localhost:3000", "http://127.0.0.1:5173", "https://localhost", "http://[::1]:8080"]
+    "origin",
+    ["http://localhost:3000", "http://127.0.0.1:5173", "https://localhost", "http://[::1]:8080"],
 )
 def test_localhost_origins_get_cors_by_default(http: httpx.Client, origin: str) -> None:
     """By default any http(s) origin on a loopback name gets CORS for exactly that origin."""
@@ -208,7 +209,9 @@ def test_sdk_with_wrong_key_raises_authentication_error(keyed: Daemon) -> None:
 def test_configured_keys_work(keyed: Daemon, key: str) -> None:
     """Keys from api_keys and from api_key_file (comments and blanks skipped) are accepted."""
     resp = keyed.client(api_key=key).chat.completions.create(
-        model="m", messages=MSG, max_tokens=3  # type: ignore[arg-type]
+        model="m",
+        messages=MSG,
+        max_tokens=3,  # type: ignore[arg-type]
     )
     assert resp.choices[0].message.content is not None
 
@@ -254,9 +257,7 @@ def test_keys_never_reach_the_log(keyed: Daemon) -> None:
         ("", {"MLXD_SERVER__HOST": "192.168.1.10"}),
     ],
 )
-def test_public_bind_without_key_exits_78(
-    tmp_path: Path, config: str, env: dict[str, str]
-) -> None:
+def test_public_bind_without_key_exits_78(tmp_path: Path, config: str, env: dict[str, str]) -> None:
     """A non-loopback host with no API key refuses to start: exit 78 and a message with the fix."""
     d = spawn_daemon(tmp_path, config, env=env)
     try:
