@@ -16,15 +16,20 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
+from . import reload
 from .api.app import AppState, create_app
 from .config import Settings
+from .conversations import lifecycle
+from .conversations.store import StoreDamaged
 from .engine.core import Engine
 from .engine.loader import LoadedModel
 from .errors import ModelUnavailable
 from .logs import get_logger
+from .metrics import Metrics
 
 log = get_logger("mlxd.service")
 
@@ -80,8 +85,18 @@ class Service:
             loop.call_soon_threadsafe(self._on_model_loaded, lm.id)
 
         self.engine.on_loaded.append(loaded)
+        try:
+            self.state.store = await lifecycle.open_store(self.state)
+        except StoreDamaged as exc:
+            print(f"mlxd: {exc}", file=sys.stderr, flush=True)
+            return 1
         self.engine.start()
-        await self._start_background(loop)
+        self._tasks.append(
+            asyncio.ensure_future(lifecycle.sweep_forever(self.state, self.shutdown))
+        )
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload.request(self))
+        self._tasks.append(asyncio.ensure_future(reload.watch(self)))
+        self.state.metrics = Metrics(self.engine)
         app = create_app(self.state)
         server = self.settings.server
         config = Config()
@@ -127,25 +142,3 @@ class Service:
         if n:
             log.warning("server.cancelling_requests", count=n)
         self.engine.abort_all(ModelUnavailable("mlxd is shutting down", retry_after=5))
-
-    async def _start_background(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the store, sweeper and config watcher where those modules are present."""
-        try:
-            from . import reload
-        except ImportError:
-            reload = None  # type: ignore[assignment]
-        if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: reload.request(self))
-            self._tasks.append(asyncio.ensure_future(reload.watch(self)))
-        try:
-            from .conversations import lifecycle
-        except ImportError:
-            lifecycle = None  # type: ignore[assignment]
-        if lifecycle is not None:
-            self._tasks += await lifecycle.start(self)
-        try:
-            from .metrics import Metrics
-        except ImportError:
-            Metrics = None  # type: ignore[assignment,misc]  # noqa: N806
-        if Metrics is not None:
-            self.state.metrics = Metrics(self.engine)
