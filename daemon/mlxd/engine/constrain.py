@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
-import llguidance
 import mlx.core as mx
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
@@ -478,7 +477,9 @@ class GrammarProcessor:
 
     Note mlx-lm samples ahead: the token sampled at step *n* reaches the processor only at
     step *n + 1* (possibly after the caller already saw EOS), so :meth:`is_finished` lags
-    one token behind the sampler; :meth:`advance` lets the caller feed a final token.
+    one token behind the sampler. Once mlx-lm will no longer call the processor (the
+    sequence was removed or finished), :meth:`advance` can feed that last token; calling
+    it earlier would feed the token twice.
     """
 
     def __init__(self, grammar: Grammar) -> None:
@@ -580,8 +581,3 @@ class GrammarProcessor:
 def _first_line(message: str) -> str:
     lines = message.strip().splitlines()
     return lines[0] if lines else ""
-
-
-def llguidance_version() -> str:
-    """The llguidance version in use (for ``/health``-style diagnostics)."""
-    return str(llguidance.__version__)
