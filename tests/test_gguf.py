@@ -15,6 +15,7 @@ preload_blas()
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import struct  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -22,8 +23,8 @@ from typing import Any  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import pytest  # noqa: E402
-from mlx_lm import stream_generate  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
+from mlx_lm import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer  # noqa: E402
 from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
@@ -57,9 +58,9 @@ def dequantized(bundled: Path) -> Loaded:
     return gguf.load_gguf(bundled, dequantize=mx.float32)
 
 
-def greedy(model: nn.Module, tokenizer: Any, prompt: str | list[int], max_tokens: int) -> tuple[
-    list[int], str
-]:
+def greedy(
+    model: nn.Module, tokenizer: Any, prompt: str | list[int], max_tokens: int
+) -> tuple[list[int], str]:
     tokens: list[int] = []
     text = ""
     for response in stream_generate(
@@ -135,6 +136,12 @@ def test_dequantized_model_is_all_float32(dequantized: Loaded) -> None:
     assert {a.dtype for _, a in _flat(model.parameters())} == {mx.float32}
 
 
+def test_dequantize_to_a_non_float_dtype_is_refused(bundled: Path) -> None:
+    """dequantize accepts only float32/float16/bfloat16; anything else is a caller's bug."""
+    with pytest.raises(ValueError, match="dequantize must be"):
+        gguf.load_gguf(bundled, dequantize=mx.int8)
+
+
 def test_config_is_hf_style(quantized: Loaded) -> None:
     """The config carries HF llama names and values (context length, eps written cleanly)."""
     _, tokenizer, config = quantized
@@ -155,16 +162,14 @@ def test_config_is_hf_style(quantized: Loaded) -> None:
 
 
 def test_load_is_fast(bundled: Path) -> None:
-    """Loading the bundled model (quantized) stays around half a second, not many seconds.
+    """Loading the bundled model (quantized) costs about half a second of CPU, not seconds.
 
-    The bound is loose because test machines are shared; a per-tensor eval loop or a Python
-    loop over the weights' values would blow through it.
+    CPU time rather than wall time, since test machines are shared; the bound is loose, but
+    a per-tensor eval loop or a Python loop over the weights' values would blow through it.
     """
-    import time
-
-    start = time.perf_counter()
+    start = time.process_time()
     gguf.load_gguf(bundled)
-    assert time.perf_counter() - start < 3.0
+    assert time.process_time() - start < 2.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +279,8 @@ def test_export_round_trip(
     assert exported_tokenizer.encode(TRICKY_TEXT, add_special_tokens=False) == ids
 
     prompt = tokenizer.encode(SHORT_PROMPT, add_special_tokens=False)
-    expected, _ = greedy(model, tokenizer, prompt, max_tokens=6)
-    actual, _ = greedy(exported_model, exported_tokenizer, prompt, max_tokens=6)
+    expected, _ = greedy(model, tokenizer, prompt, max_tokens=4)
+    actual, _ = greedy(exported_model, exported_tokenizer, prompt, max_tokens=4)
     assert actual == expected
 
 
@@ -456,6 +461,21 @@ def test_random_bytes_are_not_a_valid_gguf(tmp_path: Path) -> None:
         gguf.read_gguf(path)
 
 
+@pytest.mark.parametrize(("offset", "field"), [(16, "metadata count"), (24, "first key length")])
+def test_corrupt_header_is_refused_before_mlx_reads_it(
+    bundled: Path, tmp_path: Path, offset: int, field: str
+) -> None:
+    """A header whose counts or lengths point past the end raises ModelLoadError; mx.load
+    itself would crash the process (SIGSEGV) on these two files."""
+    path = tmp_path / "corrupt.gguf"
+    with bundled.open("rb") as src:
+        header = bytearray(src.read(1_000_000))
+    header[offset : offset + 8] = struct.pack("<Q", 2**40)
+    path.write_bytes(header)
+    with pytest.raises(ModelLoadError, match=r"not a valid GGUF file \(its header extends past"):
+        gguf.read_gguf(path)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     """A path that does not exist raises ModelLoadError saying so."""
     with pytest.raises(ModelLoadError, match="not found"):
@@ -488,8 +508,9 @@ def _raw_gguf(path: Path, ggml_type: int, data: bytes, rows: int = 2) -> Path:
 def test_k_quants_mlx_cannot_read_faithfully_are_refused(
     tmp_path: Path, ggml_type: int, name: str
 ) -> None:
-    """Q4_K (which mx.load dequantizes wrongly) and Q5_K (which mx.load cannot read) raise
-    UnsupportedModelError naming the type, a tensor and the supported types."""
+    """Q4_K (which mx.load silently dequantizes wrongly) and Q5_K (on which mx.load fails
+    without naming anything) raise UnsupportedModelError naming the type, a tensor and the
+    supported types."""
     block = struct.pack("<ee", 0.01, 0.01) + bytes(_BLOCK_BYTES[ggml_type] - 4)
     path = _raw_gguf(tmp_path / "k.gguf", ggml_type, block * 2)
     with pytest.raises(
@@ -529,4 +550,3 @@ def test_q6_k_is_read_as_float16_matching_llama_cpp(tmp_path: Path) -> None:
             for j in range(4):
                 want[128 * half + i + 32 * j] = d * S[s + 2 * j] * (q[j] - 32)
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-2
-

@@ -27,12 +27,15 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
-import mlx.nn as nn
+
+# mlx.nn re-exports these with a star import, which mypy's strict mode does not see through.
+from mlx.nn.layers.base import Module
+from mlx.nn.layers.quantized import quantize
 
 from mlxd.errors import ModelLoadError, UnsupportedModelError
 
@@ -67,16 +70,21 @@ _GGML_TYPES = {
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
     30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }  # fmt: skip
-# Tensor types MLX keeps quantized as affine groups of 32.
-_KEPT_QUANTIZED = frozenset({"Q4_0", "Q4_1", "Q8_0"})
-# Tensor types MLX returns as float arrays that we checked to be decoded correctly. MLX's
+# Tensor types mlxd accepts, with (values per block, bytes per block). MLX keeps Q4_0, Q4_1
+# and Q8_0 quantized as affine groups of 32, and returns the others as float arrays: its
 # reader (gguflib) converts BF16 to float16 (hence the overflow check) and dequantizes a few
-# K-quants to float16; Q6_K matches llama.cpp's reference decoder, Q4_K does not (its odd
-# sub-blocks are decoded with the neighbouring sub-block's scale and min), and Q2_K was not
-# verified, so those two are refused instead of silently serving wrong weights. The other
-# types make mx.load raise.
-_READ_AS_FLOAT = frozenset({"F32", "F16", "BF16", "Q6_K"})
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q6_K")
+# K-quants to float16. Q6_K matches llama.cpp's reference decoder; Q4_K does not (the odd
+# sub-blocks get the neighbouring sub-block's scale and min) and Q2_K was not verified, so
+# both are refused rather than served wrong. Other types make mx.load raise.
+_TYPE_LAYOUT = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q8_0": (32, 34),
+    "Q6_K": (256, 210),
+}
 
 # GGUF metadata value types (gguf.md) with a fixed size, in bytes.
 _GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -153,103 +161,166 @@ def bundled_gguf_path() -> Path:
 
 
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Read a GGUF file's tensors and metadata with ``mx.load``.
+    """Read a GGUF file's tensors and metadata with ``mx.load``, refusing what it mishandles.
 
-    Besides mapping MLX's terse errors to :class:`ModelLoadError` (naming the file), this
-    reads the file's tensor table itself (a few ms) to learn each tensor's stored type,
-    because ``mx.load`` silently dequantizes some K-quants, one of them (Q4_K) wrongly:
-    a tensor type outside ``SUPPORTED_TENSOR_TYPES`` raises :class:`UnsupportedModelError`
-    naming the tensor and its type.
+    Before ``mx.load`` runs, the header is walked here with bounds checks (~15 ms for the
+    bundled file) for two reasons found by testing MLX 0.32:
+
+    - ``mx.load`` *crashes the process* (SIGSEGV) on some corrupt headers, so a damaged
+      header or a tensor reaching past the end of the file must be caught first;
+    - ``mx.load`` silently dequantizes some K-quants to float16, Q4_K wrongly, and fails on
+      others without naming the tensor, so the stored tensor types are checked here.
+
+    Raises :class:`ModelLoadError` naming the file for anything that is not a valid GGUF
+    file, :class:`UnsupportedModelError` naming tensors and types MLX cannot read faithfully.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
+        types = _read_tensor_types(path)
+    except _InvalidGGUF as exc:
+        raise _not_gguf(path, str(exc)) from None
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read {path}: {exc}") from exc
+    try:
         loaded = mx.load(str(path), format="gguf", return_metadata=True)
     except (RuntimeError, ValueError) as exc:
-        reason = str(exc).removeprefix("[load_gguf]").strip()
-        if "gguf_tensor_to_f16" in reason:
-            # mx.load met a tensor type it cannot convert; name it if the table is readable.
-            _check_tensor_types(path, _tensor_types_or_none(path))
-        raise ModelLoadError(
-            f"{path} is not a valid GGUF file ({reason}); it may be truncated or corrupt, "
-            "download it again"
-        ) from exc
-    tensors, metadata = loaded  # type: ignore[misc]
-    types = _tensor_types_or_none(path)
-    if types is None:
-        raise ModelLoadError(f"{path} is not a valid GGUF file (unreadable tensor table)")
-    _check_tensor_types(path, types)
+        raise _not_gguf(path, str(exc).removeprefix("[load_gguf]").strip()) from exc
+    tensors, metadata = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     _check_bf16_range(path, tensors, types)
     return tensors, metadata
 
 
-def _tensor_types_or_none(path: Path) -> dict[str, str] | None:
-    try:
-        return _read_tensor_types(path)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError, KeyError):
-        return None
+class _InvalidGGUF(Exception):
+    """The header walk found something no valid GGUF file contains (message: what)."""
+
+
+def _not_gguf(path: Path, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path} is not a valid GGUF file ({reason}); it may be truncated or corrupt, "
+        "download it again"
+    )
 
 
 def _read_tensor_types(path: Path) -> dict[str, str]:
-    """Map each tensor name in a GGUF file to its ggml type name (e.g. ``"Q4_K"``).
+    """Validate a GGUF header and map each tensor name to its ggml type name (``"Q4_1"``).
 
-    Walks the header (gguf.md): magic, version, counts, the metadata key/values (skipped,
-    but string arrays must be walked since each string carries its own length) and the
-    tensor infos.
+    Walks the layout of gguf.md: magic, version, counts, the metadata key/values (skipped,
+    but each string carries its own length so string arrays are walked), the tensor infos,
+    then checks that every tensor's data lies inside the file. Types MLX cannot read
+    faithfully raise :class:`UnsupportedModelError`; structural damage raises _InvalidGGUF.
     """
+    size = path.stat().st_size
+    if size < 24:
+        raise _InvalidGGUF(f"{size} bytes is too short for a GGUF header")
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        u32 = struct.Struct("<I").unpack_from
-        u64 = struct.Struct("<Q").unpack_from
         if m[:4] != b"GGUF":
-            raise ValueError("bad magic")
-        (version,) = u32(m, 4)
+            raise _InvalidGGUF("it does not start with the GGUF magic bytes")
+        reader = _HeaderReader(m, size)
+        version = reader.u32()
         if version not in (2, 3):
             raise UnsupportedModelError(
                 f"{path}: GGUF version {version} is not supported (supported: 2, 3)"
             )
-        n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
-        pos = 24
+        n_tensors, n_kv = reader.u64(), reader.u64()
+        alignment = 32
         for _ in range(n_kv):
-            (n,) = u64(m, pos)
-            pos += 8 + n
-            (vtype,) = u32(m, pos)
-            pos += 4
-            if vtype == _GGUF_STRING:
-                (n,) = u64(m, pos)
-                pos += 8 + n
-            elif vtype == _GGUF_ARRAY:
-                (etype,) = u32(m, pos)
-                (count,) = u64(m, pos + 4)
-                pos += 12
-                if etype == _GGUF_STRING:
-                    for _ in range(count):
-                        (n,) = u64(m, pos)
-                        pos += 8 + n
-                else:
-                    pos += _GGUF_SCALAR_SIZES[etype] * count
+            key = reader.string()
+            vtype = reader.u32()
+            if key == b"general.alignment" and vtype == 4:
+                alignment = reader.u32()
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise _InvalidGGUF(f"alignment {alignment} is not a power of two")
             else:
-                pos += _GGUF_SCALAR_SIZES[vtype]
-        types: dict[str, str] = {}
+                reader.skip_value(vtype)
+        infos: dict[str, tuple[str, int, int]] = {}  # name -> (type, offset, elements)
         for _ in range(n_tensors):
-            (n,) = u64(m, pos)
-            name = m[pos + 8 : pos + 8 + n].decode("utf-8")
-            pos += 8 + n
-            (n_dims,) = u32(m, pos)
-            pos += 4 + 8 * n_dims
-            (ttype,) = u32(m, pos)
-            pos += 4 + 8  # type, data offset
-            types[name] = _GGML_TYPES.get(ttype, f"type {ttype}")
-        return types
+            name = reader.string().decode("utf-8", "replace")
+            n_dims = reader.u32()
+            if not 1 <= n_dims <= 4:
+                raise _InvalidGGUF(f"tensor '{name}' has {n_dims} dimensions")
+            dims = [reader.u64() for _ in range(n_dims)]
+            ttype = _GGML_TYPES.get(reader.u32(), "")
+            offset = reader.u64()
+            if name in infos:
+                raise _InvalidGGUF(f"tensor '{name}' appears twice")
+            elements = 1
+            for d in dims:
+                elements *= d
+            infos[name] = (ttype, offset, elements)
+            if ttype in _TYPE_LAYOUT and dims[0] % _TYPE_LAYOUT[ttype][0]:
+                raise _InvalidGGUF(f"tensor '{name}' rows do not fill whole {ttype} blocks")
+        data_start = -(-reader.pos // alignment) * alignment
+
+    _check_tensor_types(path, {name: t for name, (t, _, _) in infos.items()})
+    for name, (ttype, offset, elements) in infos.items():
+        per_block, block_bytes = _TYPE_LAYOUT[ttype]
+        if data_start + offset + elements // per_block * block_bytes > size:
+            raise _InvalidGGUF(f"tensor '{name}' extends past the end of the file")
+    return {name: t for name, (t, _, _) in infos.items()}
 
 
-def _check_tensor_types(path: Path, types: dict[str, str] | None) -> None:
-    if types is None:
-        return
+class _HeaderReader:
+    """Bounds-checked little-endian reads from a GGUF header."""
+
+    _U32 = struct.Struct("<I")
+    _U64 = struct.Struct("<Q")
+
+    def __init__(self, data: mmap.mmap, size: int) -> None:
+        self.data, self.size, self.pos = data, size, 4
+
+    def _advance(self, n: int) -> int:
+        start = self.pos
+        if n < 0 or start + n > self.size:
+            raise _InvalidGGUF("its header extends past the end of the file")
+        self.pos = start + n
+        return start
+
+    def u32(self) -> int:
+        value: int = self._U32.unpack_from(self.data, self._advance(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = self._U64.unpack_from(self.data, self._advance(8))[0]
+        return value
+
+    def string(self) -> bytes:
+        n = self.u64()
+        start = self._advance(n)
+        return self.data[start : start + n]
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype == _GGUF_STRING:
+            self._advance(self.u64())
+        elif vtype == _GGUF_ARRAY:
+            etype, count = self.u32(), self.u64()
+            if etype == _GGUF_STRING:
+                # The hot loop (~100k vocab and merge strings): inlined, bounds checked by
+                # unpack_from itself and by _advance(0) at the end.
+                data, unpack, pos = self.data, self._U64.unpack_from, self.pos
+                try:
+                    for _ in range(count):
+                        pos += 8 + unpack(data, pos)[0]
+                except struct.error:
+                    raise _InvalidGGUF("its header extends past the end of the file") from None
+                self.pos = pos
+                self._advance(0)
+            elif etype in _GGUF_SCALAR_SIZES:
+                self._advance(_GGUF_SCALAR_SIZES[etype] * count)
+            else:
+                raise _InvalidGGUF(f"metadata array of unknown type {etype}")
+        elif vtype in _GGUF_SCALAR_SIZES:
+            self._advance(_GGUF_SCALAR_SIZES[vtype])
+        else:
+            raise _InvalidGGUF(f"metadata value of unknown type {vtype}")
+
+
+def _check_tensor_types(path: Path, types: dict[str, str]) -> None:
     bad: dict[str, list[str]] = {}
     for name, ttype in types.items():
-        if ttype not in _KEPT_QUANTIZED and ttype not in _READ_AS_FLOAT:
-            bad.setdefault(ttype, []).append(name)
+        if ttype not in _TYPE_LAYOUT:
+            bad.setdefault(ttype or "an unknown type", []).append(name)
     if not bad:
         return
     what = "; ".join(
@@ -258,7 +329,7 @@ def _check_tensor_types(path: Path, types: dict[str, str] | None) -> None:
     )
     raise UnsupportedModelError(
         f"{path}: tensor quantization not supported: {what}. MLX cannot read these "
-        f"faithfully (supported tensor types: {', '.join(SUPPORTED_TENSOR_TYPES)}); use a "
+        f"faithfully (supported tensor types: {', '.join(_TYPE_LAYOUT)}); use a "
         "Q4_0, Q4_1, Q8_0 or F16 GGUF file, or an MLX model directory"
     )
 
@@ -303,10 +374,12 @@ class _TokenizerSpec:
 
 @dataclass
 class _Converted:
+    """A GGUF file in mlx_lm terms: weights by module path, config, per-layer quantization."""
+
     weights: dict[str, mx.array]
     config: dict[str, Any]
-    quantization: dict[str, dict[str, Any]] = field(default_factory=dict)
-    tokenizer: _TokenizerSpec | None = None
+    quantization: dict[str, dict[str, Any]]
+    tokenizer: _TokenizerSpec
 
 
 def _convert(path: Path, dequantize: mx.Dtype | None) -> _Converted:
@@ -390,8 +463,7 @@ def _llama_config(
         rope_scaling = {"type": "linear", "factor": _float32_repr(float(factor))}
     elif scaling_type not in (None, "none"):
         raise UnsupportedModelError(
-            f"{path}: GGUF rope scaling {scaling_type!r} is not supported "
-            "(supported: none, linear)"
+            f"{path}: GGUF rope scaling {scaling_type!r} is not supported (supported: none, linear)"
         )
 
     embed = tensors.get("token_embd.weight")
@@ -439,7 +511,9 @@ def _llama_weights(
     expected |= {f"blk.{i}.{t}.weight" for i in range(n_layers) for t in _BLOCK_TENSORS}
     missing = sorted(expected - tensors.keys(), key=_natural_key)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise UnsupportedModelError(
             f"{path}: GGUF file lacks tensors the llama architecture needs: {shown}"
         )
@@ -459,7 +533,9 @@ def _llama_weights(
             f"{path}: GGUF tensors not supported for llama: {', '.join(unknown[:5])}"
             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             + " (supported: token_embd, output_norm, output and blk.N."
-            + "{" + ",".join(_BLOCK_TENSORS) + "} weights)"
+            + "{"
+            + ",".join(_BLOCK_TENSORS)
+            + "} weights)"
         )
 
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -629,13 +705,13 @@ def _tokenizer_spec(path: Path, metadata: dict[str, Any], config: dict[str, Any]
     chat_template = template if isinstance(template, str) else None
     # Stop at the end of a turn as well as at the declared eos: chat-tuned files often
     # declare <|endoftext|> as eos while their template ends each turn with <|im_end|>.
+    candidates = [eos_id, token_id("eot_token_id")]
+    if chat_template is not None and _END_OF_TURN in chat_template:
+        candidates.append(vocab.get(_END_OF_TURN))
     eos_ids: list[int] = []
-    for candidate in (eos_id, token_id("eot_token_id")):
+    for candidate in candidates:
         if candidate is not None and candidate not in eos_ids:
             eos_ids.append(candidate)
-    if chat_template and _END_OF_TURN in chat_template and _END_OF_TURN in vocab:
-        if vocab[_END_OF_TURN] not in eos_ids:
-            eos_ids.append(vocab[_END_OF_TURN])
 
     def token(i: int | None) -> str | None:
         return None if i is None else tokens[i]
@@ -680,6 +756,8 @@ def _wrap_tokenizer(spec: _TokenizerSpec) -> TokenizerWrapper:
         chat_template=spec.chat_template,
         clean_up_tokenization_spaces=False,
         model_max_length=spec.model_max_length,
+        add_bos_token=spec.add_bos_token,
+        add_eos_token=False,
         **special,
     )
     # mlx_lm.load infers a tool-call parser from the chat template; do the same so a GGUF
@@ -714,7 +792,7 @@ def _wrap_tokenizer(spec: _TokenizerSpec) -> TokenizerWrapper:
 
 def load_gguf(
     path: Path, *, dequantize: mx.Dtype | None = None
-) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+) -> tuple[Module, TokenizerWrapper, dict[str, Any]]:
     """Load a llama GGUF file as an mlx_lm llama ``Model``, tokenizer and HF-style config.
 
     ``dequantize=None`` keeps Q4_0/Q4_1/Q8_0 tensors quantized (``QuantizedLinear`` /
@@ -729,16 +807,15 @@ def load_gguf(
     path = Path(path)
     converted = _convert(path, dequantize)
     config = converted.config
-    assert converted.tokenizer is not None
     model = Model(ModelArgs.from_dict(config))
     if converted.quantization:
         per_layer = converted.quantization
 
-        def predicate(module_path: str, module: nn.Module) -> bool | dict[str, Any]:
+        def predicate(module_path: str, module: Module) -> bool | dict[str, Any]:
             params = per_layer.get(module_path)
             return False if params is None else dict(params)
 
-        nn.quantize(model, group_size=GROUP_SIZE, class_predicate=predicate)
+        quantize(model, group_size=GROUP_SIZE, class_predicate=predicate)
     try:
         model.load_weights(list(converted.weights.items()), strict=True)
     except ValueError as exc:
@@ -764,13 +841,13 @@ def export_mlx_dir(gguf_path: Path, out_dir: Path, *, dequantize: mx.Dtype | Non
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     converted = _convert(gguf_path, dequantize)
     spec = converted.tokenizer
-    assert spec is not None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         mx.save_safetensors(
             str(tmp / "model.safetensors"), converted.weights, metadata={"format": "mlx"}
         )
+        _fsync(tmp / "model.safetensors")
         _write_json(tmp / "config.json", dict(sorted(converted.config.items())))
         spec.backend.save(str(tmp / "tokenizer.json"))
         special = _special_tokens_map(spec)
@@ -799,6 +876,18 @@ def export_mlx_dir(gguf_path: Path, out_dir: Path, *, dequantize: mx.Dtype | Non
     return out_dir
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or, on POSIX, a directory entry) to disk before the rename publishes it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on Windows; nothing to do there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with path.open("w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
@@ -809,8 +898,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then removed."""
+    _fsync(new)
     if not target.exists():
         new.rename(target)
+        _fsync(target.parent)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     old.rmdir()
@@ -820,4 +911,5 @@ def _replace_dir(new: Path, target: Path) -> None:
     except BaseException:
         old.rename(target)
         raise
+    _fsync(target.parent)
     shutil.rmtree(old, ignore_errors=True)
