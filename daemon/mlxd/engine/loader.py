@@ -64,16 +64,21 @@ def load(settings: ModelSettings) -> LoadedModel:
         if source.kind in ("bundled", "gguf"):
             from ..models.gguf import load_gguf
 
-            model, tokenizer, config = load_gguf(source.path, dequantize=None)
+            # The GGUF loader dequantizes in float32 itself (faster and more exact than
+            # dequantizing afterwards). A 4-bit file grows ~8x as float32.
+            fits = source.path.stat().st_size * 8 <= _total_ram() * _AUTO_DEQUANTIZE_RAM_SHARE
+            deq = target if (settings.dtype != "auto" or fits) else None
+            model, tokenizer, config = load_gguf(source.path, dequantize=deq)
+            dtype = _describe(model, _is_quantized(model))
         else:
             from mlx_lm.utils import load as mlx_load
 
             model, tokenizer, config = mlx_load(str(source.path), return_config=True)
+            dtype = _apply_dtype(model, settings.dtype, target)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load model from {source.path}: {exc}") from exc
-    dtype = _apply_dtype(model, settings.dtype, target)
     mx.eval(model.parameters())
     ctx = settings.context_length or _context_length(config)
     eos = set(tokenizer.eos_token_ids or ())
