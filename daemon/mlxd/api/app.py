@@ -173,6 +173,12 @@ def create_app(app_state: AppState) -> Quart:
         if rec is not None:
             response.headers["x-request-id"] = rec.request_id
         security.add_cors_headers(state(), response)
+        # Answered before the body arrived (401, 403, 413, 404): hypercorn then closes the
+        # connection without saying so and a client reusing it sees "server disconnected".
+        # Saying "Connection: close" makes the client open a fresh connection instead.
+        body_done = getattr(request.body, "_complete", None)
+        if body_done is not None and not body_done.is_set():
+            response.headers["Connection"] = "close"
         if rec is not None and not rec.streaming:
             rec.finish(response.status_code)
         return response
@@ -220,6 +226,8 @@ async def json_body() -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[... thousands deep: json's parser recurses per level
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     return data
