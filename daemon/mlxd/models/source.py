@@ -35,7 +35,7 @@ class ModelSource:
     default_id: str  # the model id served when [model] id is empty
 
 
-def resolve(spec: str, *, download: bool = True) -> ModelSource:
+def resolve(spec: str, *, download: bool = True, cache_dir: Path | None = None) -> ModelSource:
     """Turn a ``[model] path`` value into a local source; may download a Hugging Face repo."""
     spec = spec.strip()
     if spec.lower().startswith("bundled:"):
@@ -61,7 +61,8 @@ def resolve(spec: str, *, download: bool = True) -> ModelSource:
             )
         return ModelSource("directory", path.resolve(), spec, path.resolve().name)
     if _REPO_ID.match(spec):
-        return ModelSource("huggingface", hf_snapshot(spec, download=download), spec, spec)
+        snapshot = hf_snapshot(spec, download=download, cache_dir=cache_dir)
+        return ModelSource("huggingface", snapshot, spec, spec)
     raise ModelLoadError(
         f"[model] path {spec!r} is neither an existing directory, a .gguf file, a Hugging Face "
         "repo id (org/name) nor 'bundled:SmolLM2-135M-Instruct'."
@@ -80,7 +81,7 @@ def _bundled(spec: str) -> ModelSource:
     return ModelSource("bundled", bundled_gguf_path(), spec, "SmolLM2-135M-Instruct")
 
 
-def hf_snapshot(repo_id: str, *, download: bool = True) -> Path:
+def hf_snapshot(repo_id: str, *, download: bool = True, cache_dir: Path | None = None) -> Path:
     """The local snapshot of a Hugging Face repo: from the cache, else downloaded.
 
     The cache is the standard one (``$HF_HUB_CACHE`` / ``$HF_HOME/hub`` /
@@ -90,10 +91,9 @@ def hf_snapshot(repo_id: str, *, download: bool = True) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
+    kwargs = {"allow_patterns": DEFAULT_ALLOW_PATTERNS, "cache_dir": cache_dir}
     try:
-        return Path(
-            snapshot_download(repo_id, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS)
-        )
+        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
     except LocalEntryNotFoundError:
         if not download:
             raise ModelLoadError(
@@ -102,7 +102,7 @@ def hf_snapshot(repo_id: str, *, download: bool = True) -> Path:
     except Exception as exc:  # a damaged cache entry: say so rather than crash
         raise ModelLoadError(f"Hugging Face cache entry for {repo_id} is unusable: {exc}") from exc
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id, **kwargs))
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot download {repo_id} from Hugging Face: {exc}. Hint: check the repo id and the "
