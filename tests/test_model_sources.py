@@ -50,7 +50,7 @@ def test_gguf_file_and_missing_gguf(tmp_path: Path) -> None:
 def test_local_directory_needs_config_json(tmp_path: Path) -> None:
     """A directory with config.json is a model directory; without it, a clear error."""
     (tmp_path / "m").mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         resolve(str(tmp_path / "m"))
     (tmp_path / "m" / "config.json").write_text("{}")
     src = resolve(str(tmp_path / "m"))
