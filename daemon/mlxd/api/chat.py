@@ -1,5 +1,8 @@
 """``POST /v1/chat/completions``: non-streaming JSON and SSE streaming.
 
+Tools, ``tool_choice`` and ``response_format`` are planned in :mod:`mlxd.api.tools` (prompt,
+grammar, reading calls back); this module only maps that onto the Chat Completions wire shape.
+
 Everything that can be wrong with a request is found before the first byte is sent, so bad
 input always gets an HTTP error; a failure after the stream started is sent as
 ``data: {"error": ...}`` (the OpenAI SDK raises on it).
@@ -16,12 +19,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
 
+from ..engine.constrain import GrammarProcessor
 from ..engine.core import Delta, Event, Failed, Finished, Job
 from ..errors import MlxdError
 from ..prompt import build_prompt, content_text
 from . import sse
 from .app import RequestRecord, json_body, record, state
 from .params import SamplingFields, StopField, generation_params, normalize_stop, parse
+from .tools import CallArguments, CallStarted, OutputPlan, OutputReader, json_format, plan_output
 
 bp = Blueprint("chat", __name__)
 
@@ -54,6 +59,7 @@ class ChatRequest(SamplingFields, StopField):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("logprobs")
     @classmethod
@@ -89,8 +95,17 @@ async def chat_completions() -> Response:
     req = parse(ChatRequest, await json_body())
     lm = st.engine.require_model()
     rec.model = lm.id
-    messages = to_template_messages(req.messages)
-    prompt = await asyncio.to_thread(build_prompt, lm, messages, req.tools)
+    fmt = json_format(req.response_format, param="response_format", flat=False)
+    plan = await asyncio.to_thread(
+        plan_output,
+        lm,
+        tools=req.tools,
+        choice=req.tool_choice,
+        parallel=req.parallel_tool_calls,
+        fmt=fmt,
+    )
+    messages = plan.prepare(to_template_messages(req.messages))
+    prompt = await asyncio.to_thread(build_prompt, lm, messages, plan.template_tools)
     params = generation_params(
         st.settings,
         lm,
@@ -102,6 +117,7 @@ async def chat_completions() -> Response:
         seed=req.seed,
         repetition_penalty=req.repetition_penalty,
         stop=normalize_stop(req.stop),
+        logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
     )
     job = Job(
         model=lm,
@@ -124,38 +140,61 @@ async def chat_completions() -> Response:
             raise first.error
         rec.streaming = True
         keepalive = st.settings.server.sse_keepalive_seconds
-        body = _stream(job, first, completion_id, created, lm.id, include_usage, rec, keepalive)
+        body = _stream(
+            job, first, completion_id, created, lm.id, include_usage, rec, keepalive, plan
+        )
         resp = Response(body, mimetype="text/event-stream")
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"
         resp.timeout = None
         return resp
-    return await _complete(job, completion_id, created, lm.id)
+    return await _complete(job, completion_id, created, lm.id, plan)
 
 
-def _usage(fin: Finished) -> dict[str, Any]:
+def _usage(fin: Finished, reasoning_steps: int = 0) -> dict[str, Any]:
+    # The engine does not count tokens inside <think> blocks; decoding steps that produced
+    # only reasoning text are a close stand-in (held-back tag fragments merge a few).
+    reasoning_tokens = fin.reasoning_tokens or min(reasoning_steps, fin.completion_tokens)
     return {
         "prompt_tokens": fin.prompt_tokens,
         "completion_tokens": fin.completion_tokens,
         "total_tokens": fin.prompt_tokens + fin.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": fin.reasoning_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
-async def _complete(job: Job, cid: str, created: int, model_id: str) -> Response:
+def _finish_reason(fin: Finished, reader: OutputReader) -> str:
+    """``tool_calls`` when the model called tools and was not cut off."""
+    return "tool_calls" if reader.calls and fin.finish_reason == "stop" else fin.finish_reason
+
+
+def _tool_calls(reader: OutputReader) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments},
+        }
+        for c in reader.calls
+    ]
+
+
+async def _complete(job: Job, cid: str, created: int, model_id: str, plan: OutputPlan) -> Response:
     st = state()
     rec = record()
-    content: list[str] = []
+    reader = plan.reader()
     reasoning: list[str] = []
+    reasoning_steps = 0
     fin: Finished | None = None
     try:
         async for event in st.engine.collect(job):
             if isinstance(event, Delta):
                 if rec.first_token_at is None:
                     rec.first_token_at = time.perf_counter()
-                content.append(event.content)
+                reader.feed(event.content)
                 reasoning.append(event.reasoning)
+                reasoning_steps += bool(event.reasoning and not event.content)
             elif isinstance(event, Failed):
                 raise event.error
             else:
@@ -163,9 +202,14 @@ async def _complete(job: Job, cid: str, created: int, model_id: str) -> Response
     finally:
         job.cancel()
     assert fin is not None
+    reader.finish()
     rec.completion_tokens = fin.completion_tokens
     rec.cached_tokens = fin.cached_tokens
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+    text = "".join(reader.text)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reader.calls:
+        message["content"] = text or None
+        message["tool_calls"] = _tool_calls(reader)
     if any(reasoning):
         message["reasoning_content"] = "".join(reasoning)
     return jsonify(
@@ -175,9 +219,14 @@ async def _complete(job: Job, cid: str, created: int, model_id: str) -> Response
             "created": created,
             "model": model_id,
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": fin.finish_reason}
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(fin, reader),
+                }
             ],
-            "usage": _usage(fin),
+            "usage": _usage(fin, reasoning_steps),
             "system_fingerprint": _fingerprint(),
         }
     )
@@ -198,10 +247,46 @@ async def _stream(
     include_usage: bool,
     rec: RequestRecord,
     keepalive: float,
+    plan: OutputPlan,
 ) -> AsyncIterator[bytes]:
     # Runs after the handler returned, outside the request context: everything it needs is
     # passed in.
     status = 200
+    reader = plan.reader()
+    reasoning_steps = 0
+
+    def content_deltas(text: str | None, reasoning: str = "") -> list[dict[str, Any]]:
+        """The deltas for ``text`` read as content and tool calls; ``None``: the end of the
+        output (whatever the reader still held back). A call's first delta carries index,
+        id, type, name and empty arguments; argument pieces follow in later deltas."""
+        deltas: list[dict[str, Any]] = []
+        current: dict[str, Any] = {}
+        if reasoning:
+            current["reasoning_content"] = reasoning
+        read = reader.feed(text) if text is not None else reader.finish()
+        for ev in read:
+            if isinstance(ev, CallStarted):
+                if current:
+                    deltas.append(current)
+                start = {
+                    "index": ev.call.index,
+                    "id": ev.call.id,
+                    "type": "function",
+                    "function": {"name": ev.call.name, "arguments": ""},
+                }
+                deltas.append({"tool_calls": [start]})
+                current = {}
+            elif isinstance(ev, CallArguments):
+                calls = current.setdefault("tool_calls", [])
+                if calls and calls[-1]["index"] == ev.call.index:
+                    calls[-1]["function"]["arguments"] += ev.delta
+                else:
+                    calls.append({"index": ev.call.index, "function": {"arguments": ev.delta}})
+            else:
+                current["content"] = current.get("content", "") + ev.text
+        if current:
+            deltas.append(current)
+        return deltas
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         payload: dict[str, Any] = {
@@ -232,12 +317,9 @@ async def _stream(
             elif isinstance(event, Delta):
                 if rec.first_token_at is None:
                     rec.first_token_at = time.perf_counter()
-                delta: dict[str, Any] = {}
-                if event.reasoning:
-                    delta["reasoning_content"] = event.reasoning
-                if event.content:
-                    delta["content"] = event.content
-                yield chunk(delta)
+                reasoning_steps += bool(event.reasoning and not event.content)
+                for delta in content_deltas(event.content, event.reasoning):
+                    yield chunk(delta)
             elif isinstance(event, Failed):
                 status = event.error.status
                 rec.error = event.error.code or event.error.type
@@ -246,7 +328,9 @@ async def _stream(
             else:
                 rec.completion_tokens = event.completion_tokens
                 rec.cached_tokens = event.cached_tokens
-                yield chunk({}, event.finish_reason)
+                for delta in content_deltas(None):
+                    yield chunk(delta)
+                yield chunk({}, _finish_reason(event, reader))
                 if include_usage:
                     payload = {
                         "id": cid,
@@ -255,7 +339,7 @@ async def _stream(
                         "model": model_id,
                         "system_fingerprint": _fingerprint(),
                         "choices": [],
-                        "usage": _usage(event),
+                        "usage": _usage(event, reasoning_steps),
                     }
                     yield sse.data_frame(payload)
                 yield sse.DONE

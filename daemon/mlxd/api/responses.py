@@ -8,7 +8,9 @@ input items. Stored turns live in :mod:`mlxd.conversations.store`.
 Everything that can be wrong with a request is found before the first byte is sent. A
 streaming client that disconnects mid-stream cancels the generation and nothing is stored
 (the response id it saw never becomes retrievable). Output items are built in one place
-(:class:`_Output`), so function-call and reasoning items can join the message item there.
+(:class:`_Output`): reasoning items (``<think>`` text, with ``[model] reasoning =
+"separate"``), the message item and function-call items, in the order the model produced them;
+the same code yields the streaming events, so streamed and stored responses agree.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ from pydantic import Field, field_validator
 from quart import Blueprint, Response, jsonify, request
 
 from ..conversations.store import Chain, Store, StoredResponse
+from ..engine.constrain import GrammarProcessor
 from ..engine.core import Delta, Event, Failed, Finished, GenerationParams, Job
 from ..errors import BadRequest, MlxdError, ModelUnavailable, NotFound
 from ..prompt import build_prompt, content_text
 from . import sse
 from .app import RequestRecord, json_body, record, state
 from .params import SamplingFields, generation_params, parse
+from .tools import (
+    Call,
+    CallArguments,
+    CallStarted,
+    OutputPlan,
+    OutputReader,
+    Text,
+    json_format,
+    plan_output,
+)
 
 bp = Blueprint("responses", __name__)
 
@@ -211,33 +224,162 @@ def build_messages(
 
 
 # -- the Response object ----------------------------------------------------------------------
+OutputEvent = tuple[str, dict[str, Any]]  # (event type, payload without type/sequence)
+
+
+@dataclass
+class _Item:
+    kind: str  # "reasoning" | "message" | "function_call"
+    id: str
+    text: list[str] = field(default_factory=list)
+    call: Call | None = None
+    done: bool = False
+
+
 @dataclass
 class _Output:
-    """The output items of one response; the only place that builds them."""
+    """The output items of one response; the only place that builds them.
 
-    message_id: str = field(default_factory=lambda: _new_id("msg"))
-    text: list[str] = field(default_factory=list)
+    Fed with the engine's reasoning and content text, it keeps the items in output order and
+    returns the streaming events each step causes (the non-streaming path ignores them). An
+    item is closed when the next one opens; at the end a response without calls always has a
+    message item.
+    """
 
-    def message(self, status: str, *, with_text: bool = True) -> dict[str, Any]:
-        content = [self.part()] if with_text else []
+    reader: OutputReader
+    entries: list[_Item] = field(default_factory=list)
+    reasoning_steps: int = 0
+
+    def reasoning(self, text: str) -> list[OutputEvent]:
+        if not text:
+            return []
+        events = self._open("reasoning")
+        i = len(self.entries) - 1
+        self.entries[i].text.append(text)
+        loc = {"item_id": self.entries[i].id, "output_index": i, "content_index": 0}
+        return [*events, ("response.reasoning_text.delta", {**loc, "delta": text})]
+
+    def content(self, text: str) -> list[OutputEvent]:
+        return self._read(self.reader.feed(text))
+
+    def finish(self, status: str) -> list[OutputEvent]:
+        events = self._read(self.reader.finish())
+        if not any(e.kind != "reasoning" for e in self.entries):
+            events += self._open("message")
+        return events + self._close(status)
+
+    def items(self, status: str) -> list[dict[str, Any]]:
+        return [self._snapshot(e, status) for e in self.entries]
+
+    def _read(self, read: list[Any]) -> list[OutputEvent]:
+        events: list[OutputEvent] = []
+        for ev in read:
+            if isinstance(ev, Text):
+                events += self._open("message")
+                i = len(self.entries) - 1
+                self.entries[i].text.append(ev.text)
+                loc = {"item_id": self.entries[i].id, "output_index": i, "content_index": 0}
+                events.append(
+                    ("response.output_text.delta", {**loc, "delta": ev.text, "logprobs": []})
+                )
+            elif isinstance(ev, CallStarted):
+                events += self._open("function_call", ev.call)
+            elif isinstance(ev, CallArguments):
+                i = len(self.entries) - 1
+                loc = {"item_id": self.entries[i].id, "output_index": i}
+                events.append(
+                    ("response.function_call_arguments.delta", {**loc, "delta": ev.delta})
+                )
+        return events
+
+    def _open(self, kind: str, call: Call | None = None) -> list[OutputEvent]:
+        last = self.entries[-1] if self.entries else None
+        if last is not None and not last.done and last.kind == kind and call is None:
+            return []
+        events = self._close("completed")
+        prefix = {"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind]
+        entry = _Item(kind, _new_id(prefix), call=call)
+        self.entries.append(entry)
+        i = len(self.entries) - 1
+        events.append(
+            (
+                "response.output_item.added",
+                {"output_index": i, "item": self._snapshot(entry, "in_progress")},
+            )
+        )
+        if kind != "function_call":
+            loc = {"item_id": entry.id, "output_index": i, "content_index": 0}
+            events.append(("response.content_part.added", {**loc, "part": self._part(entry)}))
+        return events
+
+    def _close(self, status: str) -> list[OutputEvent]:
+        """Events that end the open item (if any)."""
+        if not self.entries or self.entries[-1].done:
+            return []
+        i = len(self.entries) - 1
+        entry = self.entries[i]
+        entry.done = True
+        loc: dict[str, Any] = {"item_id": entry.id, "output_index": i}
+        events: list[OutputEvent] = []
+        text = "".join(entry.text)
+        if entry.kind == "reasoning":
+            loc["content_index"] = 0
+            events.append(("response.reasoning_text.done", {**loc, "text": text}))
+            events.append(("response.content_part.done", {**loc, "part": self._part(entry)}))
+        elif entry.kind == "message":
+            loc["content_index"] = 0
+            events.append(("response.output_text.done", {**loc, "text": text, "logprobs": []}))
+            events.append(("response.content_part.done", {**loc, "part": self._part(entry)}))
+        else:
+            assert entry.call is not None
+            events.append(
+                (
+                    "response.function_call_arguments.done",
+                    {**loc, "name": entry.call.name, "arguments": entry.call.arguments},
+                )
+            )
+        events.append(
+            (
+                "response.output_item.done",
+                {"output_index": i, "item": self._snapshot(entry, status)},
+            )
+        )
+        return events
+
+    @staticmethod
+    def _part(entry: _Item) -> dict[str, Any]:
+        text = "".join(entry.text)
+        if entry.kind == "reasoning":
+            return {"type": "reasoning_text", "text": text}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def _snapshot(self, entry: _Item, status: str) -> dict[str, Any]:
+        if entry.kind == "function_call":
+            assert entry.call is not None
+            return {
+                "id": entry.id,
+                "type": "function_call",
+                "call_id": entry.call.id,
+                "name": entry.call.name,
+                "arguments": "" if status == "in_progress" else entry.call.arguments,
+                "status": status,
+            }
+        content = [] if status == "in_progress" else [self._part(entry)]
+        if entry.kind == "reasoning":
+            return {
+                "id": entry.id,
+                "type": "reasoning",
+                "summary": [],
+                "content": content,
+                "status": status,
+            }
         return {
-            "id": self.message_id,
+            "id": entry.id,
             "type": "message",
             "role": "assistant",
             "status": status,
             "content": content,
         }
-
-    def part(self) -> dict[str, Any]:
-        return {
-            "type": "output_text",
-            "text": "".join(self.text),
-            "annotations": [],
-            "logprobs": [],
-        }
-
-    def items(self, status: str) -> list[dict[str, Any]]:
-        return [self.message(status)]
 
 
 @dataclass
@@ -256,10 +398,14 @@ class _Turn:
         output: list[dict[str, Any]],
         fin: Finished | None = None,
         error: MlxdError | None = None,
+        reasoning_steps: int = 0,
     ) -> dict[str, Any]:
         req = self.req
         usage = None
         if fin is not None:
+            # The engine does not count tokens inside <think> blocks; decoding steps that
+            # produced only reasoning text are a close stand-in.
+            reasoning_tokens = fin.reasoning_tokens or min(reasoning_steps, fin.completion_tokens)
             usage = {
                 "input_tokens": fin.prompt_tokens,
                 "input_tokens_details": {
@@ -267,7 +413,7 @@ class _Turn:
                     "cache_write_tokens": 0,
                 },
                 "output_tokens": fin.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": fin.reasoning_tokens},
+                "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                 "total_tokens": fin.prompt_tokens + fin.completion_tokens,
             }
         return {
@@ -346,8 +492,17 @@ async def create_response() -> Response:
     chain = await asyncio.to_thread(store.begin_turn, req.previous_response_id, None, pin_seconds)
     handed_over = False
     try:
-        messages = build_messages(req.instructions, chain.history, items)
-        prompt = await asyncio.to_thread(build_prompt, lm, messages)
+        fmt = json_format((req.text or {}).get("format"), param="text.format", flat=True)
+        plan = await asyncio.to_thread(
+            plan_output,
+            lm,
+            tools=req.tools,
+            choice=req.tool_choice,
+            parallel=req.parallel_tool_calls,
+            fmt=fmt,
+        )
+        messages = plan.prepare(build_messages(req.instructions, chain.history, items))
+        prompt = await asyncio.to_thread(build_prompt, lm, messages, plan.template_tools)
         params = generation_params(
             st.settings,
             lm,
@@ -358,6 +513,7 @@ async def create_response() -> Response:
             top_p=req.top_p,
             seed=req.seed,
             repetition_penalty=req.repetition_penalty,
+            logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
         )
         job = Job(
             model=lm,
@@ -371,14 +527,14 @@ async def create_response() -> Response:
         st.engine.submit(job)
         turn = _Turn(_new_id("resp"), int(time.time()), lm.id, req, params)
         if not req.stream:
-            return await _complete(store, job, turn, chain, items, rec)
+            return await _complete(store, job, turn, chain, items, rec, plan)
         first = await job.next_event(min(st.settings.server.sse_keepalive_seconds, 2.0))
         if isinstance(first, Failed):
             job.cancel()
             raise first.error
         rec.streaming = True
         keepalive = st.settings.server.sse_keepalive_seconds
-        body = _stream(store, job, first, turn, chain, items, rec, keepalive)
+        body = _stream(store, job, first, turn, chain, items, rec, keepalive, plan)
         handed_over = True
     finally:
         if not handed_over:
@@ -397,13 +553,18 @@ async def _complete(
     chain: Chain,
     items: list[dict[str, Any]],
     rec: RequestRecord,
+    plan: OutputPlan,
 ) -> Response:
-    out = _Output()
+    out = _Output(plan.reader())
     fin: Finished | None = None
     try:
         async for event in state().engine.collect(job):
             if isinstance(event, Delta):
-                out.text.append(event.content)
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.perf_counter()
+                out.reasoning_steps += bool(event.reasoning and not event.content)
+                out.reasoning(event.reasoning)
+                out.content(event.content)
             elif isinstance(event, Failed):
                 raise event.error
             else:
@@ -414,7 +575,8 @@ async def _complete(
     rec.completion_tokens = fin.completion_tokens
     rec.cached_tokens = fin.cached_tokens
     status = _status(fin)
-    body = turn.body(status, out.items(status), fin)
+    out.finish(status)
+    body = turn.body(status, out.items(status), fin, reasoning_steps=out.reasoning_steps)
     await _save(store, turn, chain, items, body)
     return jsonify(body)
 
@@ -428,12 +590,13 @@ async def _stream(
     items: list[dict[str, Any]],
     rec: RequestRecord,
     keepalive: float,
+    plan: OutputPlan,
 ) -> AsyncIterator[bytes]:
     # Runs after the handler returned, outside the request context: everything it needs is
     # passed in. It owns the conversation pin (released in finally).
     status_code = 200
     seq = 0
-    out = _Output()
+    out = _Output(plan.reader())
 
     def frame(kind: str, **payload: Any) -> bytes:
         nonlocal seq
@@ -449,25 +612,18 @@ async def _stream(
         async for ev in sse.events_with_keepalive(job, keepalive):
             yield ev
 
-    loc = {"item_id": out.message_id, "output_index": 0, "content_index": 0}
     try:
         yield frame("response.created", response=turn.body("in_progress", []))
         yield frame("response.in_progress", response=turn.body("in_progress", []))
-        yield frame(
-            "response.output_item.added",
-            output_index=0,
-            item=out.message("in_progress", with_text=False),
-        )
-        yield frame("response.content_part.added", **loc, part=out.part())
         async for event in events():
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, Delta):
-                if event.content:
-                    out.text.append(event.content)
-                    yield frame(
-                        "response.output_text.delta", **loc, delta=event.content, logprobs=[]
-                    )
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.perf_counter()
+                out.reasoning_steps += bool(event.reasoning and not event.content)
+                for kind, payload in out.reasoning(event.reasoning) + out.content(event.content):
+                    yield frame(kind, **payload)
             elif isinstance(event, Failed):
                 status_code = event.error.status
                 rec.error = event.error.code or event.error.type
@@ -477,11 +633,11 @@ async def _stream(
                 rec.completion_tokens = event.completion_tokens
                 rec.cached_tokens = event.cached_tokens
                 status = _status(event)
-                text = "".join(out.text)
-                yield frame("response.output_text.done", **loc, text=text, logprobs=[])
-                yield frame("response.content_part.done", **loc, part=out.part())
-                yield frame("response.output_item.done", output_index=0, item=out.message(status))
-                body = turn.body(status, out.items(status), event)
+                for kind, payload in out.finish(status):
+                    yield frame(kind, **payload)
+                body = turn.body(
+                    status, out.items(status), event, reasoning_steps=out.reasoning_steps
+                )
                 await _save(store, turn, chain, items, body)
                 yield frame(f"response.{status}", response=body)
                 return

@@ -35,6 +35,7 @@ Typical use (the engine thread)::
 from __future__ import annotations
 
 import copy
+import json
 import re
 import threading
 import weakref
@@ -60,6 +61,7 @@ __all__ = [
     "compile_json_object",
     "compile_json_schema",
     "compile_tool_call",
+    "compile_tool_calls",
     "tokenizer_info_for",
 ]
 
@@ -254,6 +256,61 @@ def compile_tool_call(
     rewritten, so ``"#/$defs/X"`` inside a tool's parameters keeps pointing at that tool's
     own definitions.
     """
+    root = _tool_call_schema(tools, name=name, strict=strict)
+    return _compile(tokenizer_info, root, kind="tool_call")
+
+
+#: Most tool calls one constrained generation may contain (``parallel_tool_calls``).
+MAX_PARALLEL_CALLS: Final = 8
+
+
+def compile_tool_calls(
+    tokenizer_info: TokenizerInfo,
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    name: str | None = None,
+    parallel: bool = False,
+    text: bool = False,
+    text_schema: Mapping[str, Any] | None = None,
+    text_strict: bool = True,
+    strict: bool = True,
+) -> Grammar:
+    """Tool calls, and optionally an answer instead of them (``tool_choice: "auto"``).
+
+    The output is one call as in :func:`compile_tool_call`; with ``parallel`` up to
+    :data:`MAX_PARALLEL_CALLS` of them, one per line. With ``text`` the model may instead
+    write free text that does not start with ``{`` or whitespace (so a reader can tell the
+    two apart from the first character); with ``text_schema`` the alternative is a JSON
+    value matching that schema (``response_format`` together with ``tool_choice: "auto"``).
+    Built as an llguidance Lark grammar with the JSON schemas embedded via ``%json``.
+    """
+    if not parallel and not text and text_schema is None:
+        return compile_tool_call(tokenizer_info, tools, name=name, strict=strict)
+    call = {**_tool_call_schema(tools, name=name, strict=strict), "x-guidance": dict(_JSON_OPTIONS)}
+    rules = [f"call: %json {json.dumps(call)}"]
+    calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
+    alternatives = [calls]
+    if text_schema is not None:
+        if not isinstance(text_schema, Mapping):
+            raise GrammarUnsupported("the JSON schema must be an object")
+        answer = {
+            **_prepare_schema(text_schema, strict=text_strict),
+            "x-guidance": dict(_JSON_OPTIONS),
+        }
+        rules.append(f"answer: %json {json.dumps(answer)}")
+        alternatives.append("answer")
+    elif text:
+        rules.append("answer: TEXT")
+        rules.append("TEXT: /[^{\\s][\\s\\S]*/")
+        alternatives.append("answer")
+    lark = "\n".join([f"start: {' | '.join(alternatives)}", *rules])
+    return _compile_source(tokenizer_info, LLMatcher.grammar_from_lark(lark), kind="tool_call")
+
+
+def _tool_call_schema(
+    tools: Sequence[Mapping[str, Any]], *, name: str | None, strict: bool
+) -> dict[str, Any]:
+    """The JSON schema of one call ``{"name", "arguments"}`` to one of ``tools``."""
     functions: list[tuple[str, Mapping[str, Any]]] = []
     for i, tool in enumerate(tools):
         fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
@@ -290,8 +347,7 @@ def compile_tool_call(
             }
         )
     root: dict[str, Any] = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    root = {**root, "$defs": defs}
-    return _compile(tokenizer_info, root, kind="tool_call")
+    return {**root, "$defs": defs}
 
 
 def _compile(info: TokenizerInfo, schema: dict[str, Any], *, kind: str) -> Grammar:
@@ -299,6 +355,10 @@ def _compile(info: TokenizerInfo, schema: dict[str, Any], *, kind: str) -> Gramm
         source = LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
     except (ValueError, TypeError) as exc:  # not serializable / not an object
         raise GrammarUnsupported(f"invalid JSON schema: {exc}") from exc
+    return _compile_source(info, source, kind=kind)
+
+
+def _compile_source(info: TokenizerInfo, source: str, *, kind: str) -> Grammar:
     is_error, messages = LLMatcher.validate_grammar_with_warnings(source, info.ll)
     if is_error:
         raise _unsupported(messages[0] if messages else "invalid JSON schema")
