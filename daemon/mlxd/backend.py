@@ -4,6 +4,12 @@
 matrix products a model runs. Loading OpenBLAS with ``RTLD_GLOBAL`` *before* ``mlx.core`` is
 imported makes the dynamic linker resolve MLX's ``cblas_*``/``*gemm_`` symbols to it. So
 :func:`preload_blas` must run before anything imports mlx; :mod:`mlxd.cli` calls it first.
+
+MLX's CUDA backend compiles kernels on first use (NVRTC; up to tens of seconds for a model's
+first prefill) and caches them on disk, by default under ``/tmp/mlx/<version>/ptx``, which a
+reboot or a tmp cleaner empties. :func:`set_kernel_cache` points ``MLX_PTX_CACHE_DIR`` at the
+state directory instead (read once, when MLX compiles its first kernel), so a restart reuses
+them. Metal and the CPU backend ignore the variable.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import glob
 import os
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 _CANDIDATES = (
     "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -78,6 +86,31 @@ def blas_choice() -> BlasChoice:
     return _choice if _choice is not None else preload_blas("auto")
 
 
+#: MLX (CUDA backend) reads its compiled-kernel cache directory from this variable.
+KERNEL_CACHE_ENV = "MLX_PTX_CACHE_DIR"
+
+
+def set_kernel_cache(state_dir: Path) -> str | None:
+    """Keep MLX's compiled CUDA kernels in ``<state_dir>/kernels/mlx-<version>``.
+
+    Call before mlx is imported. A ``MLX_PTX_CACHE_DIR`` already set in the environment wins
+    (several processes can share one cache). The directory is per MLX version, because a
+    cached kernel is only valid for the MLX build that compiled it. Returns the directory in
+    use, or None if it can no longer be chosen.
+    """
+    if os.environ.get(KERNEL_CACHE_ENV):
+        return os.environ[KERNEL_CACHE_ENV]
+    if "mlx.core" in sys.modules:
+        return None
+    try:
+        mlx_version = version("mlx")
+    except PackageNotFoundError:
+        mlx_version = "unknown"
+    path = str(state_dir / "kernels" / f"mlx-{mlx_version}")
+    os.environ[KERNEL_CACHE_ENV] = path
+    return path
+
+
 def device_info() -> dict[str, str]:
     """The MLX device in use: ``{"device": "gpu"|"cpu", "backend": "metal"|"cuda"|"cpu"}``."""
     import mlx.core as mx
@@ -93,6 +126,8 @@ def device_info() -> dict[str, str]:
     info = {"device": kind, "backend": backend}
     if backend == "cpu":
         info["blas"] = blas_choice().library or "mlx-bundled reference BLAS"
+    if backend == "cuda":
+        info["kernel_cache"] = os.environ.get(KERNEL_CACHE_ENV) or "/tmp/mlx/<version>/ptx"
     return info
 
 

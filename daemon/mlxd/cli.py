@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxd: {exc}", file=sys.stderr)
         return EX_CONFIG
     # The BLAS must be chosen before anything imports mlx (see mlxd.backend).
-    from .backend import preload_blas
+    from .backend import preload_blas, set_kernel_cache
 
     preload_blas(settings.engine.blas)
+    set_kernel_cache(settings.state_dir())  # before mlx import, like the BLAS
     if command == "check-config":
         return _check_config(settings, path)
     if command == "export-model":

@@ -288,7 +288,7 @@ class Engine:
         log.info("model.loading", path=settings.path)
         try:
             lm = loader.load(settings)
-            warm = self._warm_up(lm)
+            warm = self._warm_up(lm, settings)
         except (ModelLoadError, MemoryError) as exc:
             self.load_error = str(exc)
             log.error("model.load_failed", path=settings.path, error=str(exc))
@@ -350,19 +350,44 @@ class Engine:
             prefill_step_size=self.settings.prefill_step_size,
         )
 
-    def _warm_up(self, lm: LoadedModel) -> float:
-        """Run prefill and single/batched decode once so the first request compiles nothing."""
+    def _warm_up(self, lm: LoadedModel, model_settings: ModelSettings) -> float:
+        """Run the shapes requests will use once, so no request waits for kernel compilation.
+
+        GPU backends compile kernels on first use (MLX's CUDA backend: seconds per kernel,
+        cached on disk under ``MLX_PTX_CACHE_DIR``, see :mod:`mlxd.backend`). Covered: a
+        short prefill, on a GPU a prefill longer than one ``prefill_step_size`` chunk (a full
+        chunk plus a remainder), batched prefill, decode at every batch size from
+        ``max_batch_size`` down to 1 (prompts finish one step apart), and the sampling paths
+        (greedy, the model's default temperature and top-p, repetition penalty). mlx-lm's
+        sampler compiles the temperature into its kernel: another value compiles once (~2 s on
+        an H100), then it is cached on disk too.
+        """
         if not self.settings.warmup:
             return 0.0
+        import mlx.core as mx
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
         start = time.perf_counter()
         gen = self._make_generator(lm)
         vocab = int(lm.config.get("vocab_size", 1000))
-        prompts = [[t % vocab for t in p] for p in ([1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11])]
-        gen.insert(prompts[:1], max_tokens=[3])
-        gen.insert(prompts, max_tokens=[3, 3])
-        finished = 0
-        while finished < 3:
-            finished += sum(r.finish_reason is not None for r in gen.next_generated())
+        n = self.settings.max_batch_size
+        rounds: list[list[list[int]]] = [[list(range(1, 9))]]
+        if mx.default_device().type == mx.gpu:  # on the CPU nothing is compiled per shape
+            rounds.append([list(range(1, self.settings.prefill_step_size + 38))])
+        rounds.append([list(range(i + 1, i + 4 + i % 8)) for i in range(n)])
+        for prompts in rounds:
+            prompts = [[t % vocab for t in p] for p in prompts]
+            k = len(prompts)
+            samplers = [self._greedy] * k
+            processors: list[list[LogitsProcessor]] = [[] for _ in range(k)]
+            if k > 1:
+                samplers[1] = make_sampler(model_settings.temperature, top_p=model_settings.top_p)
+                processors[-1] = list(make_logits_processors(repetition_penalty=1.1))
+            gen.insert(prompts, max_tokens=[i + 2 for i in range(k)], samplers=samplers,
+                       logits_processors=processors)
+            finished = 0
+            while finished < k:
+                finished += sum(r.finish_reason is not None for r in gen.next_generated())
         gen.close()
         return time.perf_counter() - start
 
