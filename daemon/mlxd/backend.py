@@ -111,6 +111,19 @@ def set_kernel_cache(state_dir: Path) -> str | None:
     return path
 
 
+#: Environment defaults for MLX's CUDA backend, applied before mlx is imported unless the
+#: user set them. cuDNN's attention did per-prompt-length setup work (~100 ms the first time
+#: each new length was seen) and was slower on a 2,577-token prompt on the H100 (179-209 ms
+#: vs 82-131 ms with MLX's own kernel); see docs/gpu.md.
+CUDA_ENV_DEFAULTS = {"MLX_CUDA_USE_CUDNN_SDPA": "0"}
+
+
+def apply_cuda_env_defaults() -> None:
+    """Set :data:`CUDA_ENV_DEFAULTS` where the environment does not already decide."""
+    for key, value in CUDA_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def device_info() -> dict[str, str]:
     """The MLX device in use: ``{"device": "gpu"|"cpu", "backend": "metal"|"cuda"|"cpu"}``."""
     import mlx.core as mx

@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxd: {exc}", file=sys.stderr)
         return EX_CONFIG
     # The BLAS must be chosen before anything imports mlx (see mlxd.backend).
-    from .backend import preload_blas, set_kernel_cache
+    from .backend import apply_cuda_env_defaults, preload_blas, set_kernel_cache
 
     preload_blas(settings.engine.blas)
     set_kernel_cache(settings.state_dir())  # before mlx import, like the BLAS
+    apply_cuda_env_defaults()
     if command == "check-config":
         return _check_config(settings, path)
     if command == "export-model":

@@ -156,9 +156,9 @@ class Engine:
 
     # -- called from any thread -----------------------------------------------------------
     def start(self) -> None:
-        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.sample_utils import greedy_sampler
 
-        self._greedy = make_sampler(0.0)
+        self._greedy = greedy_sampler
         self._thread.start()
 
     def retune(self, engine_settings: EngineSettings) -> None:
@@ -358,14 +358,14 @@ class Engine:
         short prefill, on a GPU a prefill longer than one ``prefill_step_size`` chunk (a full
         chunk plus a remainder), batched prefill, decode at every batch size from
         ``max_batch_size`` down to 1 (prompts finish one step apart), and the sampling paths
-        (greedy, the model's default temperature and top-p, repetition penalty). mlx-lm's
-        sampler compiles the temperature into its kernel: another value compiles once (~2 s on
-        an H100), then it is cached on disk too.
+        (greedy, temperature with top-p, repetition penalty). Temperature and top-p are array
+        inputs of the compiled sampler (see :func:`make_sampler`), so any other value reuses
+        the kernel compiled here.
         """
         if not self.settings.warmup:
             return 0.0
         import mlx.core as mx
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_lm.sample_utils import make_logits_processors
 
         start = time.perf_counter()
         gen = self._make_generator(lm)
@@ -381,10 +381,14 @@ class Engine:
             samplers = [self._greedy] * k
             processors: list[list[LogitsProcessor]] = [[] for _ in range(k)]
             if k > 1:
-                samplers[1] = make_sampler(model_settings.temperature, top_p=model_settings.top_p)
+                samplers[1] = make_sampler(model_settings.temperature, model_settings.top_p)
                 processors[-1] = list(make_logits_processors(repetition_penalty=1.1))
-            gen.insert(prompts, max_tokens=[i + 2 for i in range(k)], samplers=samplers,
-                       logits_processors=processors)
+            gen.insert(
+                prompts,
+                max_tokens=[i + 2 for i in range(k)],
+                samplers=samplers,
+                logits_processors=processors,
+            )
             finished = 0
             while finished < k:
                 finished += sum(r.finish_reason is not None for r in gen.next_generated())
@@ -404,16 +408,14 @@ class Engine:
             self._start(job)
 
     def _start(self, job: Job) -> None:
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_lm.sample_utils import make_logits_processors
 
         lm = job.model
         p = job.params
         if p.temperature == 0:
             sampler = self._greedy
-        elif p.seed is not None:
-            sampler = _seeded_sampler(p.temperature, p.top_p, p.seed)
         else:
-            sampler = make_sampler(p.temperature, top_p=p.top_p)
+            sampler = make_sampler(p.temperature, p.top_p, p.seed)
         processors = list(p.logits_processors)
         if p.repetition_penalty and p.repetition_penalty != 1.0:
             processors += make_logits_processors(repetition_penalty=p.repetition_penalty)
@@ -528,17 +530,28 @@ class Engine:
         self.state = "stopped"
 
 
-def _seeded_sampler(temperature: float, top_p: float, seed: int) -> Callable[[Any], Any]:
-    """A sampler with its own PRNG key, so a seed reproduces a request even inside a batch."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_p
+def make_sampler(temperature: float, top_p: float, seed: int | None = None) -> Callable[[Any], Any]:
+    """A temperature/top-p sampler whose parameters are MLX arrays, not Python floats.
 
-    state = {"key": mx.random.key(seed)}
+    mlx-lm's sampling functions are ``mx.compile``d; a float argument is baked into the
+    compiled kernel, so every new temperature would compile again (about 2 s on CUDA). As
+    arrays, one compiled kernel serves every value. With a seed the sampler keeps its own PRNG
+    key, so the seed reproduces a request even inside a batch.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p, categorical_sampling
+
+    temp = mx.array(temperature, dtype=mx.float32)
+    nucleus = mx.array(top_p, dtype=mx.float32)
+    use_top_p = 0 < top_p < 1
+    state = {"key": mx.random.key(seed)} if seed is not None else None
 
     def sample(logprobs: Any) -> Any:
+        if use_top_p:
+            logprobs = apply_top_p(logprobs, nucleus)
+        if state is None:
+            return categorical_sampling(logprobs, temp)
         state["key"], sub = mx.random.split(state["key"])
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
+        return mx.random.categorical(logprobs * (1 / temp), key=sub)
 
     return sample
