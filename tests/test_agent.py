@@ -87,7 +87,12 @@ def config(tmp_path: Path) -> Path:
 def agent_cmd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mlxd.agent", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -113,7 +118,12 @@ def test_launchd_install_writes_complete_plist_and_boots_in_order(
     data = plistlib.loads(plist_path.read_bytes())
     assert data["Label"] == agent.LABEL
     assert data["ProgramArguments"] == [
-        str(ROOT / ".venv" / "bin" / "python"), "-m", "mlxd", "serve", "--config", str(config),
+        str(ROOT / ".venv" / "bin" / "python"),
+        "-m",
+        "mlxd",
+        "serve",
+        "--config",
+        str(config),
     ]
     assert data["RunAtLoad"] is True
     assert data["KeepAlive"] == {"SuccessfulExit": False}
@@ -162,7 +172,11 @@ def test_launchd_reinstall_boots_out_first_and_uninstall_removes(
     Path(sandbox["FAKE_CALLS"]).unlink()
     proc = subprocess.run(
         [str(ROOT / "bin" / "uninstall-agent"), "--platform", "launchd"],
-        env=sandbox, capture_output=True, text=True, timeout=60, check=False,
+        env=sandbox,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert not plist_path.exists()
@@ -249,9 +263,19 @@ def test_bin_install_agent_dry_run_syncs_then_prints_and_touches_nothing(
     """The real bin/install-agent syncs the environment with uv (faked here), then --dry-run
     prints the file and the launchctl commands without writing or running anything."""
     proc = subprocess.run(
-        [str(ROOT / "bin" / "install-agent"), "--platform", "launchd", "--dry-run",
-         "--config", str(config)],
-        env=sandbox, capture_output=True, text=True, timeout=60, check=False,
+        [
+            str(ROOT / "bin" / "install-agent"),
+            "--platform",
+            "launchd",
+            "--dry-run",
+            "--config",
+            str(config),
+        ],
+        env=sandbox,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     uv_calls = [c for c in calls(sandbox) if c.startswith("uv ")]

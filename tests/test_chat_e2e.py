@@ -134,6 +134,7 @@ def test_content_parts_and_null_content(client: openai.OpenAI) -> None:
 
 def test_seed_reproduces_sampling(client: openai.OpenAI) -> None:
     """The same seed at temperature 1 gives the same text twice."""
+
     def ask() -> str:
         r = client.chat.completions.create(
             model="m",

@@ -28,7 +28,12 @@ def run_mlxd(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     full.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "mlxd", *args],
-        capture_output=True, text=True, timeout=60, env=full, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full,
+        cwd=ROOT,
+        check=False,
     )
 
 

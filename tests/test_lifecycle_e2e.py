@@ -86,7 +86,8 @@ def test_sigterm_lets_inflight_stream_finish(start_daemon: Callable[..., Daemon]
     names = [e["event"] for e in events(d)]
     stopping, stopped = names.index("server.stopping"), names.index("server.stopped")
     chat_done = max(
-        i for i, e in enumerate(events(d))
+        i
+        for i, e in enumerate(events(d))
         if e["event"] == "request.completed" and e["path"] == "/v1/chat/completions"
     )
     assert stopping < chat_done < stopped

@@ -21,15 +21,29 @@ from mlxd.logview import Filters, Follower, follow, format_line, log_files, run
 
 def event(ts: str, level: str, name: str, **fields: Any) -> str:
     return json.dumps(
-        {"timestamp": f"2026-11-25T01:{ts}.123456Z", "level": level, "event": name, **fields,
-         "logger": "mlxd.api"}
+        {
+            "timestamp": f"2026-11-25T01:{ts}.123456Z",
+            "level": level,
+            "event": name,
+            **fields,
+            "logger": "mlxd.api",
+        }
     )
 
 
 REQUEST = event(
-    "42:24", "info", "request.completed", request_id="req_abc", method="POST",
-    path="/v1/chat/completions", status=200, duration_ms=1662.1, model="SmolLM2",
-    prompt_tokens=37, completion_tokens=7, stream=True,
+    "42:24",
+    "info",
+    "request.completed",
+    request_id="req_abc",
+    method="POST",
+    path="/v1/chat/completions",
+    status=200,
+    duration_ms=1662.1,
+    model="SmolLM2",
+    prompt_tokens=37,
+    completion_tokens=7,
+    stream=True,
 )
 GARBAGE = '{"timestamp": "2026-11-25T01:4'  # a line cut short by a crash
 
@@ -40,16 +54,19 @@ def log_dir(tmp_path: Path) -> Path:
     d = tmp_path / "logs"
     d.mkdir()
     (d / "mlxd.log.2").write_text(
-        event("40:00", "info", "server.starting", port=8765) + "\n"
-        + event("40:01", "debug", "engine.step", batch=1) + "\n"
+        event("40:00", "info", "server.starting", port=8765)
+        + "\n"
+        + event("40:01", "debug", "engine.step", batch=1)
+        + "\n"
     )
     (d / "mlxd.log.1").write_text(
-        event("41:00", "warning", "model.slow", message_text="took long") + "\n"
-        + GARBAGE + "\n"
+        event("41:00", "warning", "model.slow", message_text="took long") + "\n" + GARBAGE + "\n"
     )
     (d / "mlxd.log").write_text(
-        REQUEST + "\n"
-        + event("42:30", "error", "request.failed", request_id="req_xyz", error="boom") + "\n"
+        REQUEST
+        + "\n"
+        + event("42:30", "error", "request.failed", request_id="req_xyz", error="boom")
+        + "\n"
         + "\n"
     )
     (d / "mlxd.log.bak").write_text("not a rotation\n")
@@ -57,8 +74,14 @@ def log_dir(tmp_path: Path) -> Path:
 
 
 def args(**kw: Any) -> argparse.Namespace:
-    base = {"follow": False, "json": False, "level": None, "request_id": None, "event": None,
-            "lines": 50}
+    base = {
+        "follow": False,
+        "json": False,
+        "level": None,
+        "request_id": None,
+        "event": None,
+        "lines": 50,
+    }
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -82,11 +105,18 @@ def test_request_line_is_summarised_and_aligned() -> None:
 def test_other_events_show_fields_as_key_value() -> None:
     """Other events print their fields as key=value (quoted when needed, None left out), the
     stdlib message as text, and a traceback indented below."""
-    line = json.dumps({
-        "timestamp": "2026-11-25T01:00:00Z", "level": "warning", "event": "hypercorn.log",
-        "message": "Running on http://x", "detail": "two words", "none": None, "n": 3,
-        "exception": "Traceback:\n  boom",
-    })
+    line = json.dumps(
+        {
+            "timestamp": "2026-11-25T01:00:00Z",
+            "level": "warning",
+            "event": "hypercorn.log",
+            "message": "Running on http://x",
+            "detail": "two words",
+            "none": None,
+            "n": 3,
+            "exception": "Traceback:\n  boom",
+        }
+    )
     assert format_line(line, tz=UTC) == (
         "2026-11-25 01:00:00 WARN  hypercorn.log        Running on http://x "
         'detail="two words" n=3\n    Traceback:\n      boom'
@@ -107,7 +137,10 @@ def test_rotated_files_are_read_oldest_first(tmp_path: Path) -> None:
     for name in ("mlxd.log", "mlxd.log.1", "mlxd.log.2", "mlxd.log.10", "mlxd.log.bak"):
         (tmp_path / name).write_text("x\n")
     assert [p.name for p in log_files(tmp_path / "mlxd.log")] == [
-        "mlxd.log.10", "mlxd.log.2", "mlxd.log.1", "mlxd.log"
+        "mlxd.log.10",
+        "mlxd.log.2",
+        "mlxd.log.1",
+        "mlxd.log",
     ]
 
 
@@ -118,7 +151,11 @@ def test_history_spans_rotated_files_in_order_and_n_keeps_the_newest(
     -n keeps only the newest ones."""
     out = shown(capsys, log_dir)
     assert [ln.split()[3] if ln[:4] == "2026" else ln for ln in out] == [
-        "server.starting", "engine.step", "model.slow", GARBAGE, "request.completed",
+        "server.starting",
+        "engine.step",
+        "model.slow",
+        GARBAGE,
+        "request.completed",
         "request.failed",
     ]
     out = shown(capsys, log_dir, lines=2)
@@ -129,8 +166,9 @@ def test_history_spans_rotated_files_in_order_and_n_keeps_the_newest(
 def test_json_passes_raw_lines(capsys: pytest.CaptureFixture[str], log_dir: Path) -> None:
     """--json prints the file's lines byte for byte (garbage included), filtered as asked."""
     assert shown(capsys, log_dir, json=True, lines=3) == [
-        GARBAGE, REQUEST, event("42:30", "error", "request.failed", request_id="req_xyz",
-                                error="boom"),
+        GARBAGE,
+        REQUEST,
+        event("42:30", "error", "request.failed", request_id="req_xyz", error="boom"),
     ]
     assert shown(capsys, log_dir, json=True, request_id="req_abc") == [REQUEST]
 
@@ -142,11 +180,14 @@ def test_filters_level_request_id_and_event_prefix(
     --event match exactly / by prefix and drop lines they cannot match."""
     names = lambda out: [ln.split()[3] if ln[:4] == "2026" else ln for ln in out]  # noqa: E731
     assert names(shown(capsys, log_dir, level="WARNING")) == [
-        "model.slow", GARBAGE, "request.failed"
+        "model.slow",
+        GARBAGE,
+        "request.failed",
     ]
     assert names(shown(capsys, log_dir, request_id="req_xyz")) == ["request.failed"]
     assert names(shown(capsys, log_dir, event="request.")) == [
-        "request.completed", "request.failed"
+        "request.completed",
+        "request.failed",
     ]
     assert names(shown(capsys, log_dir, event="request.", level="error")) == ["request.failed"]
 
@@ -230,9 +271,24 @@ def test_mlxd_logs_command_end_to_end(log_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "mlxd.toml"
     config.write_text(f'[logging]\nfile = "{log_dir / "mlxd.log"}"\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxd", "--config", str(config), "logs", "--json", "-n", "5",
-         "--event", "request.completed"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "mlxd",
+            "--config",
+            str(config),
+            "logs",
+            "--json",
+            "-n",
+            "5",
+            "--event",
+            "request.completed",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [REQUEST]

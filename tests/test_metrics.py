@@ -63,8 +63,15 @@ def value(text: str, name: str, **labels: str) -> float:
 def test_observe_request_counts_tokens_and_timings() -> None:
     """A finished generation counts its route/status and tokens and fills both histograms."""
     metrics = Metrics(FakeEngine())  # type: ignore[arg-type]
-    rec = RequestRecord("r1", "POST", "/v1/chat/completions", time.perf_counter() - 2.0,
-                        route="/v1/chat/completions", prompt_tokens=12, completion_tokens=21)
+    rec = RequestRecord(
+        "r1",
+        "POST",
+        "/v1/chat/completions",
+        time.perf_counter() - 2.0,
+        route="/v1/chat/completions",
+        prompt_tokens=12,
+        completion_tokens=21,
+    )
     rec.first_token_at = rec.started + 0.5
     metrics.observe_request(rec, 200)
     metrics.observe_request(RequestRecord("r2", "GET", "/nope", time.perf_counter()), 404)
@@ -125,9 +132,11 @@ def test_daemon_metrics_after_requests(client: openai.OpenAI, http: httpx.Client
     have observations; the model info names the served model."""
     before = http.get("/metrics").text
     client.chat.completions.create(model="m", messages=PARIS, max_tokens=12, temperature=0)
-    list(client.chat.completions.create(
-        model="m", messages=PARIS, max_tokens=12, temperature=0, stream=True
-    ))
+    list(
+        client.chat.completions.create(
+            model="m", messages=PARIS, max_tokens=12, temperature=0, stream=True
+        )
+    )
     resp = http.get("/metrics")
     assert resp.status_code == 200
     after = resp.text

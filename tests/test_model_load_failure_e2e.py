@@ -47,9 +47,7 @@ def test_unloadable_model_keeps_daemon_up(
     body = wait_for_failure(d)
     assert needle in str(body["error"])
     with pytest.raises(openai.InternalServerError) as err:
-        d.client().chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}]
-        )
+        d.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 503
     time.sleep(0.5)
     assert d.process.poll() is None

@@ -32,9 +32,23 @@ def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     empty = out.parent / "empty.toml"
     empty.write_text("")
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxd", "--config", str(empty), "export-model", str(out),
-         "--dtype", "float32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "mlxd",
+            "--config",
+            str(empty),
+            "export-model",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").exists()
@@ -131,7 +145,7 @@ def test_model_switch_rejections_and_sighup(
         return resp.choices[0].message.content or ""
 
     second = (
-        '[engine]\nwarmup = false\n'
+        "[engine]\nwarmup = false\n"
         f'[model]\npath = "{second_model_dir}"\nid = "second-model"\ntemperature = 0\n'
     )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -215,7 +229,10 @@ def file_port_daemon(tmp_path: Path) -> Iterator[Callable[[str, int], Daemon]]:
         with stderr_path.open("wb") as err:
             process = subprocess.Popen(
                 [sys.executable, "-m", "mlxd", "--config", str(config_path)],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
             )
         d = Daemon(process, port, tmp_path / "state", config_path, env, stderr_path)
         started.append(d)

@@ -57,9 +57,19 @@ STOP_MARGIN_SECONDS = 10
 HEALTH_TIMEOUT_SECONDS = 300.0
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
 _REQUIRED_PLIST_KEYS = (
-    "Label", "ProgramArguments", "RunAtLoad", "KeepAlive", "ThrottleInterval", "ProcessType",
-    "ExitTimeOut", "WorkingDirectory", "EnvironmentVariables", "SoftResourceLimits",
-    "HardResourceLimits", "StandardOutPath", "StandardErrorPath",
+    "Label",
+    "ProgramArguments",
+    "RunAtLoad",
+    "KeepAlive",
+    "ThrottleInterval",
+    "ProcessType",
+    "ExitTimeOut",
+    "WorkingDirectory",
+    "EnvironmentVariables",
+    "SoftResourceLimits",
+    "HardResourceLimits",
+    "StandardOutPath",
+    "StandardErrorPath",
 )
 
 
@@ -487,8 +497,11 @@ def uninstall(args: argparse.Namespace) -> int:
     existed = manager.path.exists()
     manager.uninstall()
     if not args.dry_run:
-        print(f"mlxd service removed ({manager.name})" if existed else
-              f"mlxd: no service file at {manager.path}; stopped it in case it was loaded")
+        print(
+            f"mlxd service removed ({manager.name})"
+            if existed
+            else f"mlxd: no service file at {manager.path}; stopped it in case it was loaded"
+        )
     return 0
 
 

@@ -23,11 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the daemon in the foreground (the default)")
     check = sub.add_parser("check-config", help="validate the config and print it")
-    check.add_argument("--render-toml", action="store_true", help="print the documented default config")
-    check.add_argument("--render-markdown", action="store_true", help="print the README config table")
+    check.add_argument(
+        "--render-toml", action="store_true", help="print the documented default config"
+    )
+    check.add_argument(
+        "--render-markdown", action="store_true", help="print the README config table"
+    )
     export = sub.add_parser("export-model", help="write the configured model as an MLX directory")
     export.add_argument("out", help="output directory")
-    export.add_argument("--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep")
+    export.add_argument(
+        "--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep"
+    )
     logs = sub.add_parser("logs", help="show the structured log for a person")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--json", action="store_true", help="print raw JSON lines")

@@ -1,19 +1,19 @@
 """The small exception tree of mlxd, mapped to OpenAI error JSON in one place (api.errors).
 
-    MlxdError                      base; carries status, type, code, param
-    ├── BadRequest                 400 invalid_request_error
-    │   ├── ContextLengthExceeded  400 context_length_exceeded
-    │   └── PreviousResponseNotFound 400 previous_response_not_found
-    ├── Unauthorized               401 authentication_error
-    ├── Forbidden                  403 permission_error
-    ├── NotFound                   404 not_found_error
-    ├── PayloadTooLarge            413 invalid_request_error
-    ├── Overloaded                 429/503 with Retry-After
-    ├── ModelUnavailable           503 (loading, failed to load, switching), Retry-After
-    └── GenerationFailed           500 server_error (a bug or an MLX failure mid-generation)
+MlxdError                      base; carries status, type, code, param
+├── BadRequest                 400 invalid_request_error
+│   ├── ContextLengthExceeded  400 context_length_exceeded
+│   └── PreviousResponseNotFound 400 previous_response_not_found
+├── Unauthorized               401 authentication_error
+├── Forbidden                  403 permission_error
+├── NotFound                   404 not_found_error
+├── PayloadTooLarge            413 invalid_request_error
+├── Overloaded                 429/503 with Retry-After
+├── ModelUnavailable           503 (loading, failed to load, switching), Retry-After
+└── GenerationFailed           500 server_error (a bug or an MLX failure mid-generation)
 
-    ModelLoadError                 raised by model resolution/loading; never reaches HTTP
-    └── UnsupportedModelError      the file is readable but of a kind mlxd cannot serve
+ModelLoadError                 raised by model resolution/loading; never reaches HTTP
+└── UnsupportedModelError      the file is readable but of a kind mlxd cannot serve
 """
 
 from __future__ import annotations

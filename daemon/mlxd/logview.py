@@ -29,10 +29,21 @@ from typing import IO, Any
 from .config import Settings
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-_LABELS = {"debug": "DEBUG", "info": "INFO", "warning": "WARN", "error": "ERROR",
-           "critical": "CRIT", "exception": "ERROR"}
-_COLORS = {"DEBUG": "\x1b[2m", "INFO": "\x1b[32m", "WARN": "\x1b[33m", "ERROR": "\x1b[1;31m",
-           "CRIT": "\x1b[1;31m"}
+_LABELS = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warning": "WARN",
+    "error": "ERROR",
+    "critical": "CRIT",
+    "exception": "ERROR",
+}
+_COLORS = {
+    "DEBUG": "\x1b[2m",
+    "INFO": "\x1b[32m",
+    "WARN": "\x1b[33m",
+    "ERROR": "\x1b[1;31m",
+    "CRIT": "\x1b[1;31m",
+}
 _BOLD, _DIM, _RESET = "\x1b[1m", "\x1b[2m", "\x1b[0m"
 _EVENT_WIDTH = 20
 #: Fields that are the line's frame, or too noisy to repeat on every line.
@@ -110,8 +121,10 @@ def _request_summary(data: dict[str, Any]) -> list[str]:
         parts.append(f"model={_value(model)}")
     prompt, completion = data.pop("prompt_tokens", None), data.pop("completion_tokens", None)
     if prompt is not None or completion is not None:
-        parts.append(f"tokens={'-' if prompt is None else prompt}/"
-                     f"{'-' if completion is None else completion}")
+        parts.append(
+            f"tokens={'-' if prompt is None else prompt}/"
+            f"{'-' if completion is None else completion}"
+        )
     return parts
 
 

@@ -116,7 +116,7 @@ class Service:
         )
         watchdog = asyncio.ensure_future(self._cancel_stragglers())
         try:
-            await serve(app, config, shutdown_trigger=self.shutdown.wait)  # type: ignore[arg-type]
+            await serve(app, config, shutdown_trigger=self.shutdown.wait)
         except OSError as exc:
             log.error("server.bind_failed", host=server.host, port=server.port, error=str(exc))
             return 1

@@ -129,15 +129,11 @@ def create_app(app_state: AppState) -> Quart:
 
     from .chat import bp as chat_bp
     from .models import bp as models_bp
+    from .responses import bp as responses_bp
 
     app.register_blueprint(models_bp)
     app.register_blueprint(chat_bp)
-    try:
-        from .responses import bp as responses_bp
-    except ImportError:  # the Responses API module is optional while it is being built
-        responses_bp = None
-    if responses_bp is not None:
-        app.register_blueprint(responses_bp)
+    app.register_blueprint(responses_bp)
 
     @app.get("/metrics")
     async def _metrics() -> Response:
@@ -194,8 +190,9 @@ def create_app(app_state: AppState) -> Quart:
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         if status == 413:
+            limit = state().settings.server.max_body_bytes
             err: MlxdError = PayloadTooLarge(
-                f"request body exceeds server.max_body_bytes ({state().settings.server.max_body_bytes})"
+                f"request body exceeds server.max_body_bytes ({limit})"
             )
         elif status == 404:
             err = MlxdError(f"no route for {request.method} {request.path}", code="not_found")
