@@ -190,9 +190,9 @@ def _sse(resp: http.client.HTTPResponse) -> Iterator[tuple[str | None, str]]:
 
 
 def _post_stream(
-    port: int, path: str, body: dict[str, Any], timeout: float
+    server: Server, path: str, body: dict[str, Any], timeout: float
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     payload = json.dumps(body).encode()
     conn.connect()
     started = time.perf_counter()
@@ -200,7 +200,11 @@ def _post_stream(
         "POST",
         path,
         body=payload,
-        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            **server.headers,
+        },
     )
     resp = conn.getresponse()
     if resp.status != 200:
@@ -211,7 +215,7 @@ def _post_stream(
 
 
 def stream_chat(
-    port: int, messages: list[dict[str, str]], max_tokens: int, timeout: float
+    server: Server, messages: list[dict[str, str]], max_tokens: int, timeout: float
 ) -> StreamResult:
     """One streamed Chat Completion at temperature 0; token counts from the usage chunk."""
     body = {
@@ -221,7 +225,7 @@ def stream_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    conn, resp, started = _post_stream(port, "/v1/chat/completions", body, timeout)
+    conn, resp, started = _post_stream(server, "/v1/chat/completions", body, timeout)
     first: float | None = None
     last = 0.0
     usage: dict[str, Any] | None = None
@@ -265,7 +269,7 @@ def stream_chat(
 
 
 def stream_response(
-    port: int, text: str, previous_id: str | None, max_tokens: int, timeout: float
+    server: Server, text: str, previous_id: str | None, max_tokens: int, timeout: float
 ) -> StreamResult:
     """One streamed ``POST /v1/responses`` turn chained with ``previous_response_id``."""
     body: dict[str, Any] = {
@@ -276,7 +280,7 @@ def stream_response(
     }
     if previous_id:
         body["previous_response_id"] = previous_id
-    conn, resp, started = _post_stream(port, "/v1/responses", body, timeout)
+    conn, resp, started = _post_stream(server, "/v1/responses", body, timeout)
     first: float | None = None
     last = 0.0
     final: dict[str, Any] | None = None
@@ -392,6 +396,7 @@ class Server:
     log: Path
     command: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # Authorization, when keys are set
 
     def log_tail(self, n: int = 2000) -> str:
         try:
@@ -399,23 +404,36 @@ class Server:
         except OSError:
             return ""
 
-    def wait_ready(self, deadline: float) -> dict[str, Any]:
-        last: Any = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(
-                    f"{self.name} exited with {self.process.returncode} before it was ready:\n"
-                    f"{self.log_tail()}"
-                )
-            try:
-                status, body = get_json(self.port, "/health", timeout=2.0)
-                if status == 200:
-                    return body if isinstance(body, dict) else {}
-                last = body
-            except OSError as exc:
-                last = exc
-            time.sleep(0.25)
-        raise BenchError(f"{self.name} not ready in time (last: {last}):\n{self.log_tail()}")
+    def poll_ready(self) -> dict[str, Any] | None:
+        """The /health body once ready, else None; raises if the process has exited."""
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"{self.name} exited with {self.process.returncode} before it was ready:\n"
+                f"{self.log_tail()}"
+            )
+        try:
+            status, body = get_json(self.port, "/health", timeout=2.0)
+        except OSError:
+            return None
+        if status != 200:
+            return None
+        return body if isinstance(body, dict) else {}
+
+
+def wait_ready(servers: list[Server], timeout: float) -> None:
+    """Wait for every server at once, so one that dies is reported without delay."""
+    deadline = time.monotonic() + timeout
+    pending = list(servers)
+    while pending:
+        for s in list(pending):
+            health = s.poll_ready()
+            if health is not None:
+                s.info["health"] = health
+                pending.remove(s)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise BenchError(f"{names} not ready after {timeout:.0f}s:\n{pending[0].log_tail()}")
+        time.sleep(0.25)
 
 
 def mapped_blas(pid: int) -> dict[str, Any]:
@@ -578,7 +596,7 @@ class Bench:
         for s in self.servers:
             for i in range(self.work.warmups):
                 msg = [{"role": "user", "content": f"[warmup {i}] Say hello."}]
-                stream_chat(s.port, msg, 4, self.timeout)
+                stream_chat(s, msg, 4, self.timeout)
 
     def single_stream(self) -> None:
         w = self.work
@@ -587,7 +605,7 @@ class Bench:
         for r in range(w.repeats):
             msg = [{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}]
             for s in self.servers:
-                runs[s.name].append(stream_chat(s.port, msg, w.max_tokens, self.timeout))
+                runs[s.name].append(stream_chat(s, msg, w.max_tokens, self.timeout))
         for name, rs in runs.items():
             params = _stream_params(rs, max_tokens=w.max_tokens)
             self.results.measurement(name, "ttft_ms", "ms", [x.ttft * 1000 for x in rs], **params)
@@ -604,7 +622,7 @@ class Bench:
         for r in range(w.repeats):
             msg = [{"role": "user", "content": tagged(f"prefill {r}", doc)}]
             for s in self.servers:
-                runs[s.name].append(stream_chat(s.port, msg, 1, self.timeout))
+                runs[s.name].append(stream_chat(s, msg, 1, self.timeout))
         for name, rs in runs.items():
             self.results.measurement(
                 name, "prefill_tokens_per_s", "tokens/s",
@@ -644,7 +662,7 @@ class Bench:
             try:
                 barrier.wait(30)
                 out[i] = stream_chat(
-                    s.port, [{"role": "user", "content": text}], self.work.max_tokens,
+                    s, [{"role": "user", "content": text}], self.work.max_tokens,
                     self.timeout,
                 )
             except BaseException as exc:  # reported below, in the main thread
@@ -675,7 +693,7 @@ class Bench:
                 for k in range(w.turns):
                     text = FOLLOW_UPS[k] if k else tagged(f"chat {r}", FOLLOW_UPS[0])
                     history.append({"role": "user", "content": text})
-                    res = stream_chat(s.port, history, w.turn_max_tokens, self.timeout)
+                    res = stream_chat(s, history, w.turn_max_tokens, self.timeout)
                     history.append({"role": "assistant", "content": res.text})
                     ttft[s.name][k].append(res.ttft * 1000)
                     meta[s.name][k].append(res)
@@ -697,7 +715,7 @@ class Bench:
                 text = FOLLOW_UPS[k] if k else tagged(f"responses {r}", FOLLOW_UPS[0])
                 try:
                     res = stream_response(
-                        server.port, text, previous, w.turn_max_tokens, self.timeout
+                        server, text, previous, w.turn_max_tokens, self.timeout
                     )
                 except HttpStatusError as exc:
                     if exc.status in (404, 405) and r == 0 and k == 0:
@@ -893,6 +911,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: --mlxd-config: {exc}", file=sys.stderr)
         return 2
     model = args.model or (base.model.path if user_config else BUNDLED_MODEL)
+    if Path(model).expanduser().exists():  # the servers run in the project root
+        model = str(Path(model).expanduser().resolve())
+    try:
+        keys = base.api_keys()
+    except ConfigError as exc:
+        print(f"bench: --mlxd-config: {exc}", file=sys.stderr)
+        return 2
     servers: list[Server] = []
     tmp = Path(tempfile.mkdtemp(prefix="mlxd-bench-"))
     started = time.monotonic()
@@ -909,8 +934,9 @@ def run(args: argparse.Namespace) -> int:
             "MLXD_LOGGING__FORMAT": "json",
         }
         cmd = [sys.executable, "-m", "mlxd", "--config", str(config)]
+        auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
         servers.append(Server(MLXD, mlxd_port, spawn(cmd, serve_env, tmp / "mlxd.log"),
-                              tmp / "mlxd.log", cmd))
+                              tmp / "mlxd.log", cmd, headers=auth))
         if args.reference:
             ref_model, how = reference_model(model, config, mlxd_env, tmp)
             ref_port = args.reference_port or free_port()
@@ -919,9 +945,7 @@ def run(args: argparse.Namespace) -> int:
             ref = Server(REFERENCE, ref_port, spawn(cmd, _child_env({}), tmp / "reference.log"),
                          tmp / "reference.log", cmd, {"model": ref_model, "model_source": how})
             servers.append(ref)
-        deadline = time.monotonic() + args.start_timeout
-        for s in servers:
-            s.info["health"] = s.wait_ready(deadline)
+        wait_ready(servers, args.start_timeout)
         bench = Bench(servers, work, results, args.request_timeout)
         bench.warmup()
         _record_setup(servers, results, model, work, args)
