@@ -29,17 +29,19 @@ class _Lines(io.BytesIO):
 
 def test_sse_parser_skips_comments_and_keeps_event_names() -> None:
     """SSE frames come out as (event, data); keepalive comments and blank lines are skipped."""
-    body = b": keepalive\n\nevent: response.created\ndata: {\"a\": 1}\n\ndata: [DONE]\n\n"
+    body = b': keepalive\n\nevent: response.created\ndata: {"a": 1}\n\ndata: [DONE]\n\n'
     assert list(_sse(_Lines(body))) == [("response.created", '{"a": 1}'), (None, "[DONE]")]
 
 
 def test_ratios_pair_measurements_with_equal_parameters() -> None:
     """Ratios are mlxd / other for the same metric and parameters; token counts do not split."""
     results = Results(stdout=io.StringIO())
-    results.measurement(MLXD, "decode_tokens_per_s", "tokens/s", [20.0], max_tokens=8,
-                        completion_tokens=8)
-    results.measurement(REFERENCE, "decode_tokens_per_s", "tokens/s", [10.0], max_tokens=8,
-                        completion_tokens=7)
+    results.measurement(
+        MLXD, "decode_tokens_per_s", "tokens/s", [20.0], max_tokens=8, completion_tokens=8
+    )
+    results.measurement(
+        REFERENCE, "decode_tokens_per_s", "tokens/s", [10.0], max_tokens=8, completion_tokens=7
+    )
     results.measurement(INPROCESS, "decode_tokens_per_s", "tokens/s", [25.0], max_tokens=8)
     results.measurement(REFERENCE, "ttft_ms", "ms", [5.0], max_tokens=8)  # no mlxd partner
     rows = results.ratios()
@@ -61,7 +63,12 @@ def test_quick_bench_against_both_servers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [*BENCH, "--quick", "--out", str(out)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400, check=False,
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(ln) for ln in done.stdout.splitlines()]
@@ -72,17 +79,27 @@ def test_quick_bench_against_both_servers(tmp_path: Path) -> None:
     assert setups[REFERENCE]["weights"].startswith("quantized")
 
     measured = {(r["server"], r["metric"]) for r in lines if r["value"] is not None}
-    per_server = {"ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s",
-                  "aggregate_tokens_per_s", "worst_ttft_ms", "turn_ttft_ms"}
+    per_server = {
+        "ttft_ms",
+        "decode_tokens_per_s",
+        "prefill_tokens_per_s",
+        "aggregate_tokens_per_s",
+        "worst_ttft_ms",
+        "turn_ttft_ms",
+    }
     for server in (MLXD, REFERENCE):
         assert {(server, m) for m in per_server} <= measured
-    assert {(INPROCESS, m) for m in ("ttft_ms", "decode_tokens_per_s",
-                                     "prefill_tokens_per_s")} <= measured
+    assert {
+        (INPROCESS, m) for m in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s")
+    } <= measured
     values = [r for r in lines if r["value"] is not None and r["metric"] != "setup"]
     assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in values)
     assert {r["concurrency"] for r in values if r["metric"] == "aggregate_tokens_per_s"} == {1, 2}
-    turns = {(r["server"], r.get("mode"), r["turn"]) for r in lines if r["metric"] == "turn_ttft_ms"
-             and r["value"] is not None}
+    turns = {
+        (r["server"], r.get("mode"), r["turn"])
+        for r in lines
+        if r["metric"] == "turn_ttft_ms" and r["value"] is not None
+    }
     assert {(s, "chat", t) for s in (MLXD, REFERENCE) for t in (1, 2, 3)} <= turns
     responses = [r for r in lines if r.get("mode") == "responses"]
     # /v1/responses is mlxd-only: measured per turn, or one line saying why it was skipped.
@@ -109,7 +126,10 @@ def test_sigterm_stops_the_servers(tmp_path: Path) -> None:
     with err.open("wb") as stderr:
         bench = subprocess.Popen(
             [*BENCH, "--quick", "--no-reference", "--skip", "inprocess"],
-            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
     try:
         deadline = time.monotonic() + 90

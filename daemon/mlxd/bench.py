@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,8 +450,14 @@ def mapped_blas(pid: int) -> dict[str, Any]:
     except OSError:
         return {"blas": "unknown"}
     libs = sorted({ln.split()[-1] for ln in maps.splitlines() if "blas" in ln.lower()})
-    usable = [p for p in libs if "openblas" in p.lower() and "scipy_openblas" not in p
-              and "numpy.libs" not in p and "scipy.libs" not in p]
+    usable = [
+        p
+        for p in libs
+        if "openblas" in p.lower()
+        and "scipy_openblas" not in p
+        and "numpy.libs" not in p
+        and "scipy.libs" not in p
+    ]
     if usable:
         blas = f"OpenBLAS ({usable[0]})"
     elif any("mlx_cpu.libs" in p for p in libs):
@@ -469,8 +475,10 @@ def describe_weights(model_dir: str) -> str:
         return "unknown"
     quant = config.get("quantization") or config.get("quantization_config")
     if isinstance(quant, dict):
-        bits = sorted({v["bits"] for v in quant.values() if isinstance(v, dict) and "bits" in v}
-                      | ({quant["bits"]} if "bits" in quant else set()))
+        bits = sorted(
+            {v["bits"] for v in quant.values() if isinstance(v, dict) and "bits" in v}
+            | ({quant["bits"]} if "bits" in quant else set())
+        )
         return "quantized " + "/".join(f"{b}-bit" for b in bits) + " (as stored)"
     return str(config.get("torch_dtype", "unknown")) + " (as stored)"
 
@@ -493,7 +501,7 @@ class Results:
         print(json.dumps(record), file=self.stdout, flush=True)
 
     def measurement(
-        self, server: str, metric: str, unit: str, samples: list[float], **params: Any
+        self, server: str, metric: str, unit: str, samples: Sequence[float | None], **params: Any
     ) -> None:
         clean = [s for s in samples if s is not None]
         if not clean:
@@ -550,8 +558,20 @@ class Results:
         return rows
 
 
-_NOT_PARAMS = {"server", "value", "min", "max", "unit", "repeats", "metric", "prompt_tokens",
-               "completion_tokens", "cached_tokens", "skipped", "info"}
+_NOT_PARAMS = {
+    "server",
+    "value",
+    "min",
+    "max",
+    "unit",
+    "repeats",
+    "metric",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "skipped",
+    "info",
+}
 
 
 def _param_key(record: dict[str, Any]) -> str:
@@ -563,13 +583,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "no ratios (only one side was measured)\n"
     head = ("metric", "params", "versus", "mlxd", "other", "unit", "ratio", "better")
     body = [
-        (r["metric"], r["params"], r["versus"], f"{r['mlxd']:g}", f"{r['other']:g}", r["unit"],
-         f"{r['ratio']:.2f}x", r["better"])
+        (
+            r["metric"],
+            r["params"],
+            r["versus"],
+            f"{r['mlxd']:g}",
+            f"{r['other']:g}",
+            r["unit"],
+            f"{r['ratio']:.2f}x",
+            r["better"],
+        )
         for r in rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in (head, *body)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in (head, *body)
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "ratio = mlxd / other\n" + "\n".join(lines) + "\n"
 
@@ -610,8 +640,11 @@ class Bench:
             params = _stream_params(rs, max_tokens=w.max_tokens)
             self.results.measurement(name, "ttft_ms", "ms", [x.ttft * 1000 for x in rs], **params)
             self.results.measurement(
-                name, "decode_tokens_per_s", "tokens/s",
-                [x.decode_tokens_per_s for x in rs], **params,  # type: ignore[misc]
+                name,
+                "decode_tokens_per_s",
+                "tokens/s",
+                [x.decode_tokens_per_s for x in rs],
+                **params,
             )
 
     def prefill(self) -> None:
@@ -625,8 +658,11 @@ class Bench:
                 runs[s.name].append(stream_chat(s, msg, 1, self.timeout))
         for name, rs in runs.items():
             self.results.measurement(
-                name, "prefill_tokens_per_s", "tokens/s",
-                [x.prompt_tokens / x.ttft for x in rs], **_stream_params(rs, max_tokens=1),
+                name,
+                "prefill_tokens_per_s",
+                "tokens/s",
+                [x.prompt_tokens / x.ttft for x in rs],
+                **_stream_params(rs, max_tokens=1),
             )
 
     def concurrency(self) -> None:
@@ -646,8 +682,11 @@ class Bench:
                     worst[s.name].append(max(x.ttft for x in rs) * 1000)
                     tokens[s.name].append(total)
             for s in self.servers:
-                params = {"concurrency": c, "max_tokens": w.max_tokens,
-                          "completion_tokens": _median_int(tokens[s.name])}
+                params = {
+                    "concurrency": c,
+                    "max_tokens": w.max_tokens,
+                    "completion_tokens": _median_int(tokens[s.name]),
+                }
                 self.results.measurement(
                     s.name, "aggregate_tokens_per_s", "tokens/s", agg[s.name], **params
                 )
@@ -662,7 +701,9 @@ class Bench:
             try:
                 barrier.wait(30)
                 out[i] = stream_chat(
-                    s, [{"role": "user", "content": text}], self.work.max_tokens,
+                    s,
+                    [{"role": "user", "content": text}],
+                    self.work.max_tokens,
                     self.timeout,
                 )
             except BaseException as exc:  # reported below, in the main thread
@@ -683,10 +724,12 @@ class Bench:
     def chat_turns(self) -> None:
         w = self.work
         self.log(f"conversation (chat): {w.turns} turns, {w.repeats} repeats")
-        ttft: dict[str, list[list[float]]] = {s.name: [[] for _ in range(w.turns)]
-                                              for s in self.servers}
-        meta: dict[str, list[list[StreamResult]]] = {s.name: [[] for _ in range(w.turns)]
-                                                     for s in self.servers}
+        ttft: dict[str, list[list[float]]] = {
+            s.name: [[] for _ in range(w.turns)] for s in self.servers
+        }
+        meta: dict[str, list[list[StreamResult]]] = {
+            s.name: [[] for _ in range(w.turns)] for s in self.servers
+        }
         for r in range(w.repeats):
             for s in self.servers:
                 history: list[dict[str, str]] = []
@@ -700,7 +743,12 @@ class Bench:
         for s in self.servers:
             for k in range(w.turns):
                 self.results.measurement(
-                    s.name, "turn_ttft_ms", "ms", ttft[s.name][k], mode="chat", turn=k + 1,
+                    s.name,
+                    "turn_ttft_ms",
+                    "ms",
+                    ttft[s.name][k],
+                    mode="chat",
+                    turn=k + 1,
                     **_stream_params(meta[s.name][k], max_tokens=w.turn_max_tokens),
                 )
 
@@ -714,14 +762,14 @@ class Bench:
             for k in range(w.turns):
                 text = FOLLOW_UPS[k] if k else tagged(f"responses {r}", FOLLOW_UPS[0])
                 try:
-                    res = stream_response(
-                        server, text, previous, w.turn_max_tokens, self.timeout
-                    )
+                    res = stream_response(server, text, previous, w.turn_max_tokens, self.timeout)
                 except HttpStatusError as exc:
                     if exc.status in (404, 405) and r == 0 and k == 0:
                         self.results.skip(
-                            server.name, "turn_ttft_ms",
-                            f"POST /v1/responses is not available ({exc})", mode="responses",
+                            server.name,
+                            "turn_ttft_ms",
+                            f"POST /v1/responses is not available ({exc})",
+                            mode="responses",
                         )
                         return
                     raise
@@ -730,7 +778,12 @@ class Bench:
                 meta[k].append(res)
         for k in range(w.turns):
             self.results.measurement(
-                server.name, "turn_ttft_ms", "ms", ttft[k], mode="responses", turn=k + 1,
+                server.name,
+                "turn_ttft_ms",
+                "ms",
+                ttft[k],
+                mode="responses",
+                turn=k + 1,
                 **_stream_params(meta[k], max_tokens=w.turn_max_tokens),
             )
 
@@ -785,8 +838,10 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> int:
 
     run([{"role": "user", "content": "[warmup] Say hello."}], 4)
     single = [
-        run([{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}],
-            spec["max_tokens"])
+        run(
+            [{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}],
+            spec["max_tokens"],
+        )
         for r in range(spec["repeats"])
     ]
     doc = prefill_text(spec["prefill_tokens"])
@@ -830,10 +885,16 @@ def run_inprocess(
 ) -> None:
     spec = tmp / "inprocess.json"
     out = tmp / "inprocess-result.json"
-    spec.write_text(json.dumps({
-        "config": str(config), "max_tokens": work.max_tokens,
-        "prefill_tokens": work.prefill_tokens, "repeats": work.repeats,
-    }))
+    spec.write_text(
+        json.dumps(
+            {
+                "config": str(config),
+                "max_tokens": work.max_tokens,
+                "prefill_tokens": work.prefill_tokens,
+                "repeats": work.repeats,
+            }
+        )
+    )
     cmd = [sys.executable, "-m", "mlxd.bench", "--inprocess-worker", str(spec), str(out)]
     proc = spawn(cmd, env, tmp / "inprocess.log")
     try:
@@ -848,12 +909,15 @@ def run_inprocess(
         raise BenchError(f"in-process run failed ({proc.returncode}):\n{tail}")
     data = json.loads(out.read_text())
     results.setup[INPROCESS] = data["info"]
-    results.emit({"server": INPROCESS, "metric": "setup", "value": None, "unit": None,
-                  "info": data["info"]})
+    results.emit(
+        {"server": INPROCESS, "metric": "setup", "value": None, "unit": None, "info": data["info"]}
+    )
     single, prefill = data["single"], data["prefill"]
-    params = {"max_tokens": work.max_tokens,
-              "prompt_tokens": _median_int([x["prompt_tokens"] for x in single]),
-              "completion_tokens": _median_int([x["completion_tokens"] for x in single])}
+    params = {
+        "max_tokens": work.max_tokens,
+        "prompt_tokens": _median_int([x["prompt_tokens"] for x in single]),
+        "completion_tokens": _median_int([x["completion_tokens"] for x in single]),
+    }
     results.measurement(INPROCESS, "ttft_ms", "ms", [x["ttft"] * 1000 for x in single], **params)
     decode = [
         (x["completion_tokens"] - 1) / (x["last"] - x["ttft"])
@@ -862,9 +926,12 @@ def run_inprocess(
     ]
     results.measurement(INPROCESS, "decode_tokens_per_s", "tokens/s", decode, **params)
     results.measurement(
-        INPROCESS, "prefill_tokens_per_s", "tokens/s",
+        INPROCESS,
+        "prefill_tokens_per_s",
+        "tokens/s",
         [x["prompt_tokens"] / x["ttft"] for x in prefill],
-        max_tokens=1, prompt_tokens=_median_int([x["prompt_tokens"] for x in prefill]),
+        max_tokens=1,
+        prompt_tokens=_median_int([x["prompt_tokens"] for x in prefill]),
         completion_tokens=1,
     )
 
@@ -895,8 +962,7 @@ def reference_model(model: str, config: Path, env: dict[str, str], tmp: Path) ->
     )
     if done.returncode != 0:
         raise BenchError(
-            f"exporting {model} for mlx_lm.server failed ({done.returncode}): "
-            f"{done.stderr[-2000:]}"
+            f"exporting {model} for mlx_lm.server failed ({done.returncode}): {done.stderr[-2000:]}"
         )
     return str(out), f"exported from {source.path} by `mlxd export-model` (dtype as stored)"
 
@@ -935,15 +1001,40 @@ def run(args: argparse.Namespace) -> int:
         }
         cmd = [sys.executable, "-m", "mlxd", "--config", str(config)]
         auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-        servers.append(Server(MLXD, mlxd_port, spawn(cmd, serve_env, tmp / "mlxd.log"),
-                              tmp / "mlxd.log", cmd, headers=auth))
+        servers.append(
+            Server(
+                MLXD,
+                mlxd_port,
+                spawn(cmd, serve_env, tmp / "mlxd.log"),
+                tmp / "mlxd.log",
+                cmd,
+                headers=auth,
+            )
+        )
         if args.reference:
             ref_model, how = reference_model(model, config, mlxd_env, tmp)
             ref_port = args.reference_port or free_port()
-            cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", ref_model,
-                   "--port", str(ref_port), "--host", "127.0.0.1", *args.reference_arg]
-            ref = Server(REFERENCE, ref_port, spawn(cmd, _child_env({}), tmp / "reference.log"),
-                         tmp / "reference.log", cmd, {"model": ref_model, "model_source": how})
+            cmd = [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "server",
+                "--model",
+                ref_model,
+                "--port",
+                str(ref_port),
+                "--host",
+                "127.0.0.1",
+                *args.reference_arg,
+            ]
+            ref = Server(
+                REFERENCE,
+                ref_port,
+                spawn(cmd, _child_env({}), tmp / "reference.log"),
+                tmp / "reference.log",
+                cmd,
+                {"model": ref_model, "model_source": how},
+            )
             servers.append(ref)
         wait_ready(servers, args.start_timeout)
         bench = Bench(servers, work, results, args.request_timeout)
@@ -998,25 +1089,36 @@ def run(args: argparse.Namespace) -> int:
 def _record_setup(
     servers: list[Server], results: Results, model: str, work: Workload, args: argparse.Namespace
 ) -> None:
-    machine = {"platform": platform.platform(), "machine": platform.machine(),
-               "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    machine = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     results.setup["machine"] = machine
     results.setup["model"] = model
     for s in servers:
-        info: dict[str, Any] = {"command": s.command[1:], "port": s.port,
-                                **mapped_blas(s.process.pid)}
+        info: dict[str, Any] = {
+            "command": s.command[1:],
+            "port": s.port,
+            **mapped_blas(s.process.pid),
+        }
         if s.name == MLXD:
             health = s.info.get("health", {})
-            info |= {"backend": health.get("backend"), "model": health.get("model"),
-                     "version": health.get("version")}
+            info |= {
+                "backend": health.get("backend"),
+                "model": health.get("model"),
+                "version": health.get("version"),
+            }
         else:
             info |= {k: v for k, v in s.info.items() if k != "health"}
             info["weights"] = describe_weights(s.info["model"])
             info["versions"] = _versions()
             info["defaults"] = REFERENCE_DEFAULTS | {"extra_args": args.reference_arg}
         results.setup[s.name] = info
-        results.emit({"server": s.name, "metric": "setup", "value": None, "unit": None,
-                      "info": info})
+        results.emit(
+            {"server": s.name, "metric": "setup", "value": None, "unit": None, "info": info}
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1025,35 +1127,60 @@ def _parser() -> argparse.ArgumentParser:
         description="Benchmark mlxd against mlx_lm.server (and in-process mlx-lm) on the same "
         "model and streaming workload. JSON lines on stdout, ratio table on stderr.",
     )
-    p.add_argument("--model", help=f"model path/spec for both sides (default: the --mlxd-config "
-                   f"model, else {BUNDLED_MODEL}); GGUF/bundled models are exported for the "
-                   "reference")
+    p.add_argument(
+        "--model",
+        help=f"model path/spec for both sides (default: the --mlxd-config "
+        f"model, else {BUNDLED_MODEL}); GGUF/bundled models are exported for the "
+        "reference",
+    )
     p.add_argument("--mlxd-config", help="config file for mlxd (default: an empty config)")
-    p.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="do not start mlx_lm.server")
-    p.add_argument("--reference-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for mlx_lm.server (repeatable; default: none)")
+    p.add_argument(
+        "--no-reference", dest="reference", action="store_false", help="do not start mlx_lm.server"
+    )
+    p.add_argument(
+        "--reference-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for mlx_lm.server (repeatable; default: none)",
+    )
     p.add_argument("--mlxd-port", type=int, default=0, help="port for mlxd (default: free)")
-    p.add_argument("--reference-port", type=int, default=0,
-                   help="port for mlx_lm.server (default: free)")
+    p.add_argument(
+        "--reference-port", type=int, default=0, help="port for mlx_lm.server (default: free)"
+    )
     p.add_argument("--repeats", type=int, help="repeats per measurement (default 3)")
     p.add_argument("--max-tokens", type=int, help="max_tokens of generation runs (default 200)")
     p.add_argument("--prefill-tokens", type=int, help="approximate prefill prompt size (1000)")
     p.add_argument("--concurrency", type=int, nargs="+", help="concurrency levels (1 4 8)")
     p.add_argument("--turns", type=int, help="conversation turns (default 10)")
     p.add_argument("--turn-max-tokens", type=int, help="max_tokens per turn (default 48)")
-    p.add_argument("--skip", nargs="+", default=[],
-                   choices=["single", "prefill", "concurrency", "turns", "inprocess"],
-                   help="suites to leave out")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for smoke tests (1 repeat, short prompts, 3 turns, "
-                   "concurrency 1 and 2, few tokens)")
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["single", "prefill", "concurrency", "turns", "inprocess"],
+        help="suites to leave out",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run for smoke tests (1 repeat, short prompts, 3 turns, "
+        "concurrency 1 and 2, few tokens)",
+    )
     p.add_argument("--out", help="also write all results as one JSON document to this file")
     p.add_argument("--table", action="store_true", help="print the ratio table on stdout")
-    p.add_argument("--start-timeout", type=float, default=300.0,
-                   help="seconds to wait for both servers to be ready")
-    p.add_argument("--request-timeout", type=float, default=900.0,
-                   help="socket timeout of one request, seconds")
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for both servers to be ready",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=900.0,
+        help="socket timeout of one request, seconds",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with server logs")
     p.add_argument("--inprocess-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return p
