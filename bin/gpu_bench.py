@@ -8,7 +8,9 @@
 
 ``probe --config CFG --model DIR --state DIR --out JSON``
     Starts mlxd, waits for /health, then checks that no request after ready waits for kernel
-    compilation: ten sequential short requests (TTFT of each), a burst of ``max_batch_size``
+    compilation: ten sequential short requests (TTFT of each), a request at a temperature
+    never used before (0.33: TTFT against the tenth's, kernels before/after), a burst of
+    ``max_batch_size``
     concurrent streams, a long prompt, and a temperature/top-p request; counts the compiled
     kernels in ``MLX_PTX_CACHE_DIR`` at ready and after each phase (a growing count means a
     request compiled something). Writes what it saw, including the ``model.loaded`` log event
@@ -164,6 +166,7 @@ def probe(args: argparse.Namespace) -> None:
         return _count(cache)
 
     out: dict[str, Any] = {"label": args.label, "kernel_cache": str(cache),
+                           "MLX_CUDA_USE_CUDNN_SDPA": os.environ.get("MLX_CUDA_USE_CUDNN_SDPA"),
                            "kernels_at_start": _kernels()}
     try:
         while True:
@@ -194,6 +197,22 @@ def probe(args: argparse.Namespace) -> None:
         out["sequential_ttft_ms"] = seq
         out["first_over_tenth"] = round(seq[0] / seq[9], 2)
         out["kernels_after_sequential"] = _kernels()
+        # 1b. a temperature never used before (not the model's default, not the warm-up's):
+        # must reuse the compiled sampler (temperature is an array input), so its TTFT stays
+        # near the tenth request's and the kernel count does not grow. Same prompt shape as
+        # the sequential requests; a second one at another new temperature for comparison.
+        new_temp = []
+        for i, temp in enumerate((0.33, 0.47)):
+            msg = [{"role": "user", "content": tagged(f"probes {i}", "Say hello.")}]
+            r = stream_chat(port, msg, 16, 600, temperature=temp)
+            new_temp.append({"temperature": temp, "ttft_ms": round(r.ttft * 1000, 1),
+                             "prompt_tokens": r.prompt_tokens})
+        out["new_temperature"] = {
+            "requests": new_temp,
+            "over_tenth": round(new_temp[0]["ttft_ms"] / seq[9], 2),
+            "kernels_before": out["kernels_after_sequential"],
+            "kernels_after": _kernels(),
+        }
         # 2. a burst of max_batch_size concurrent streams
         n = args.burst
         res: list[Any] = [None] * n
