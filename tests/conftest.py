@@ -34,6 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 90.0
 
 
+def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    """``resp`` has ``status`` and an OpenAI error body; returns its ``error`` object."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert err["message"]
+    return dict(err)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -166,15 +175,22 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             d.stop(signal.SIGKILL if d.process.poll() is None else signal.SIGTERM, timeout=5)
 
 
-@pytest.fixture(scope="session")
-def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon with the default config, for tests that do not change its state."""
-    d = spawn_daemon(tmp_path_factory.mktemp("shared"), "")
+@contextlib.contextmanager
+def running_daemon(tmp: Path, config: str = "", **kw: Any) -> Iterator[Daemon]:
+    """A ready daemon for a ``with`` block (module- and session-scoped fixtures)."""
+    d = spawn_daemon(tmp, config, **kw)
     try:
         d.wait_ready()
         yield d
     finally:
         d.stop(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon with the default config, for tests that do not change its state."""
+    with running_daemon(tmp_path_factory.mktemp("shared")) as d:
+        yield d
 
 
 @pytest.fixture

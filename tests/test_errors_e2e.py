@@ -8,15 +8,9 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from conftest import assert_openai_error
+
 MSG = [{"role": "user", "content": "hi"}]
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) >= {"message", "type", "param", "code"}
-    assert err["message"]
-    return dict(err)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from conftest import Daemon, spawn_daemon
+from conftest import Daemon, running_daemon, spawn_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -42,12 +42,8 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def single_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One generation at a time: a leaked slot would block every later request."""
-    d = spawn_daemon(tmp_path_factory.mktemp("slot"), "[engine]\nmax_batch_size = 1\n")
-    try:
-        d.wait_ready()
+    with running_daemon(tmp_path_factory.mktemp("slot"), "[engine]\nmax_batch_size = 1\n") as d:
         yield d
-    finally:
-        d.stop(timeout=20)
 
 
 # -- disconnecting clients -------------------------------------------------------------------

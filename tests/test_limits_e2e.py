@@ -16,20 +16,12 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import Daemon, spawn_daemon
+from conftest import Daemon, assert_openai_error, running_daemon
 
 pytestmark = pytest.mark.e2e
 
 MSG = [{"role": "user", "content": "Say hi."}]
 LONG = [{"role": "user", "content": "Write a very long story about a dragon."}]
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) >= {"message", "type", "param", "code"}
-    assert err["message"]
-    return dict(err)
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +30,16 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     config = (
         "[server]\nmax_body_bytes = 4096\nmax_tokens_limit = 1000\nrequest_timeout_seconds = 0.5\n"
     )
-    d = spawn_daemon(tmp_path_factory.mktemp("limited"), config)
-    try:
-        d.wait_ready()
+    with running_daemon(tmp_path_factory.mktemp("limited"), config) as d:
         yield d
-    finally:
-        d.stop(timeout=20)
 
 
 @pytest.fixture(scope="module")
 def single_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One generation at a time and one waiting request at most."""
     config = "[engine]\nmax_batch_size = 1\nmax_queue = 1\n"
-    d = spawn_daemon(tmp_path_factory.mktemp("single"), config)
-    try:
-        d.wait_ready()
+    with running_daemon(tmp_path_factory.mktemp("single"), config) as d:
         yield d
-    finally:
-        d.stop(timeout=20)
 
 
 # -- body size -------------------------------------------------------------------------------

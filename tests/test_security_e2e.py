@@ -20,7 +20,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import ROOT, Daemon, spawn_daemon
+from conftest import ROOT, Daemon, assert_openai_error, running_daemon, spawn_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -29,14 +29,6 @@ CONFIG_KEY = "sk-config-7f3a9c1e5b2d4f60a8e1"
 FILE_KEY = "sk-file-0b9d8e7c6a5f4e3d2c1b"
 WRONG_KEY = "sk-wrong-1122334455667788aabb"
 ALLOWED_ORIGIN = "https://app.example"
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) >= {"message", "type", "param", "code"}
-    assert err["message"]
-    return dict(err)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +45,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         f'api_keys = ["{CONFIG_KEY}"]\n'
         f'api_key_file = "{key_file}"\n'
     )
-    d = spawn_daemon(tmp, config)
-    try:
-        d.wait_ready()
+    with running_daemon(tmp, config) as d:
         yield d
-    finally:
-        d.stop(timeout=20)
 
 
 # -- Host allow-list (DNS rebinding) ---------------------------------------------------------

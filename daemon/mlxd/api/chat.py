@@ -19,14 +19,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
 
-from ..engine.constrain import GrammarProcessor
 from ..engine.core import Delta, Event, Failed, Finished, Job
 from ..errors import MlxdError
-from ..prompt import build_prompt, content_text
+from ..prompt import content_text
 from . import sse
 from .app import RequestRecord, json_body, record, state
-from .params import SamplingFields, StopField, generation_params, normalize_stop, parse
-from .tools import CallArguments, CallStarted, OutputPlan, OutputReader, json_format, plan_output
+from .generation import Sampling, first_event, sse_response, start_job
+from .params import SamplingFields, StopField, normalize_stop, parse
+from .tools import CallArguments, CallStarted, OutputPlan, OutputReader, json_format
 
 bp = Blueprint("chat", __name__)
 
@@ -95,59 +95,35 @@ async def chat_completions() -> Response:
     req = parse(ChatRequest, await json_body())
     lm = st.engine.require_model()
     rec.model = lm.id
-    fmt = json_format(req.response_format, param="response_format", flat=False)
-    plan = await asyncio.to_thread(
-        plan_output,
+    plan, job = await start_job(
+        st,
+        rec,
         lm,
+        to_template_messages(req.messages),
         tools=req.tools,
-        choice=req.tool_choice,
+        tool_choice=req.tool_choice,
         parallel=req.parallel_tool_calls,
-        fmt=fmt,
+        fmt=json_format(req.response_format, param="response_format", flat=False),
+        sampling=Sampling(
+            requested_max=req.max_completion_tokens or req.max_tokens,
+            max_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            repetition_penalty=req.repetition_penalty,
+            stop=normalize_stop(req.stop),
+        ),
     )
-    messages = plan.prepare(to_template_messages(req.messages))
-    prompt = await asyncio.to_thread(build_prompt, lm, messages, plan.template_tools)
-    params = generation_params(
-        st.settings,
-        lm,
-        len(prompt.ids),
-        requested_max=req.max_completion_tokens or req.max_tokens,
-        max_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        repetition_penalty=req.repetition_penalty,
-        stop=normalize_stop(req.stop),
-        logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
-    )
-    job = Job(
-        model=lm,
-        prompt=prompt.ids,
-        params=params,
-        reasoning_mode=st.settings.model.reasoning,
-        in_think=prompt.in_think,
-        loop=asyncio.get_running_loop(),
-    )
-    rec.prompt_tokens = len(prompt.ids)
-    st.engine.submit(job)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        # Wait briefly for the first event so early failures are HTTP errors, not broken streams.
-        first = await job.next_event(min(st.settings.server.sse_keepalive_seconds, 2.0))
-        if isinstance(first, Failed):
-            job.cancel()
-            raise first.error
+        first = await first_event(st, job)
         rec.streaming = True
         keepalive = st.settings.server.sse_keepalive_seconds
-        body = _stream(
-            job, first, completion_id, created, lm.id, include_usage, rec, keepalive, plan
+        return sse_response(
+            _stream(job, first, completion_id, created, lm.id, include_usage, rec, keepalive, plan)
         )
-        resp = Response(body, mimetype="text/event-stream")
-        resp.headers["Cache-Control"] = "no-cache"
-        resp.headers["X-Accel-Buffering"] = "no"
-        resp.timeout = None
-        return resp
     return await _complete(job, completion_id, created, lm.id, plan)
 
 
@@ -301,17 +277,9 @@ async def _stream(
             payload["usage"] = None
         return sse.data_frame(payload)
 
-    async def events() -> AsyncIterator[Event | None]:
-        if first is not None:
-            yield first
-            if isinstance(first, Finished | Failed):
-                return
-        async for ev in sse.events_with_keepalive(job, keepalive):
-            yield ev
-
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in events():
+        async for event in sse.events_after(job, first, keepalive):
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, Delta):

@@ -26,13 +26,13 @@ from pydantic import Field, field_validator
 from quart import Blueprint, Response, jsonify, request
 
 from ..conversations.store import Chain, Store, StoredResponse
-from ..engine.constrain import GrammarProcessor
 from ..engine.core import Delta, Event, Failed, Finished, GenerationParams, Job
 from ..errors import BadRequest, MlxdError, ModelUnavailable, NotFound
-from ..prompt import build_prompt, content_text
+from ..prompt import content_text
 from . import sse
 from .app import RequestRecord, json_body, record, state
-from .params import SamplingFields, generation_params, parse
+from .generation import Sampling, first_event, sse_response, start_job
+from .params import SamplingFields, parse
 from .tools import (
     Call,
     CallArguments,
@@ -41,7 +41,6 @@ from .tools import (
     OutputReader,
     Text,
     json_format,
-    plan_output,
 )
 
 bp = Blueprint("responses", __name__)
@@ -492,46 +491,28 @@ async def create_response() -> Response:
     chain = await asyncio.to_thread(store.begin_turn, req.previous_response_id, None, pin_seconds)
     handed_over = False
     try:
-        fmt = json_format((req.text or {}).get("format"), param="text.format", flat=True)
-        plan = await asyncio.to_thread(
-            plan_output,
+        plan, job = await start_job(
+            st,
+            rec,
             lm,
+            build_messages(req.instructions, chain.history, items),
             tools=req.tools,
-            choice=req.tool_choice,
+            tool_choice=req.tool_choice,
             parallel=req.parallel_tool_calls,
-            fmt=fmt,
+            fmt=json_format((req.text or {}).get("format"), param="text.format", flat=True),
+            sampling=Sampling(
+                requested_max=req.max_output_tokens,
+                max_param="max_output_tokens",
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                repetition_penalty=req.repetition_penalty,
+            ),
         )
-        messages = plan.prepare(build_messages(req.instructions, chain.history, items))
-        prompt = await asyncio.to_thread(build_prompt, lm, messages, plan.template_tools)
-        params = generation_params(
-            st.settings,
-            lm,
-            len(prompt.ids),
-            requested_max=req.max_output_tokens,
-            max_param="max_output_tokens",
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            repetition_penalty=req.repetition_penalty,
-            logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
-        )
-        job = Job(
-            model=lm,
-            prompt=prompt.ids,
-            params=params,
-            reasoning_mode=st.settings.model.reasoning,
-            in_think=prompt.in_think,
-            loop=asyncio.get_running_loop(),
-        )
-        rec.prompt_tokens = len(prompt.ids)
-        st.engine.submit(job)
-        turn = _Turn(_new_id("resp"), int(time.time()), lm.id, req, params)
+        turn = _Turn(_new_id("resp"), int(time.time()), lm.id, req, job.params)
         if not req.stream:
             return await _complete(store, job, turn, chain, items, rec, plan)
-        first = await job.next_event(min(st.settings.server.sse_keepalive_seconds, 2.0))
-        if isinstance(first, Failed):
-            job.cancel()
-            raise first.error
+        first = await first_event(st, job)
         rec.streaming = True
         keepalive = st.settings.server.sse_keepalive_seconds
         body = _stream(store, job, first, turn, chain, items, rec, keepalive, plan)
@@ -539,11 +520,7 @@ async def create_response() -> Response:
     finally:
         if not handed_over:
             store.end_turn(chain)  # a dict update under the store's lock: no disk access
-    resp = Response(body, mimetype="text/event-stream")
-    resp.headers["Cache-Control"] = "no-cache"
-    resp.headers["X-Accel-Buffering"] = "no"
-    resp.timeout = None
-    return resp
+    return sse_response(body)
 
 
 async def _complete(
@@ -604,18 +581,10 @@ async def _stream(
         seq += 1
         return sse.event_frame(data)
 
-    async def events() -> AsyncIterator[Event | None]:
-        if first is not None:
-            yield first
-            if isinstance(first, Finished | Failed):
-                return
-        async for ev in sse.events_with_keepalive(job, keepalive):
-            yield ev
-
     try:
         yield frame("response.created", response=turn.body("in_progress", []))
         yield frame("response.in_progress", response=turn.body("in_progress", []))
-        async for event in events():
+        async for event in sse.events_after(job, first, keepalive):
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, Delta):

@@ -25,6 +25,19 @@ def event_frame(payload: dict[str, Any]) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+async def events_after(
+    job: Job, first: Event | None, interval: float
+) -> AsyncIterator[Event | None]:
+    """``first`` (the event awaited before the stream started, if any), then the rest of the
+    job's events with keep-alive gaps (see :func:`events_with_keepalive`)."""
+    if first is not None:
+        yield first
+        if isinstance(first, Finished | Failed):
+            return
+    async for event in events_with_keepalive(job, interval):
+        yield event
+
+
 async def events_with_keepalive(job: Job, interval: float) -> AsyncIterator[Event | None]:
     """The job's events until Finished/Failed; ``None`` whenever ``interval`` passes with
     nothing new (the caller sends a keep-alive comment). Abandoning the iterator cancels the job.
