@@ -24,7 +24,7 @@ from ..errors import MlxdError
 from ..prompt import content_text
 from . import sse
 from .app import RequestRecord, json_body, record, state
-from .generation import Sampling, first_event, sse_response, start_job
+from .generation import Sampling, first_event, run_to_end, sse_response, start_job
 from .params import SamplingFields, StopField, normalize_stop, parse
 from .tools import CallArguments, CallStarted, OutputPlan, OutputReader, json_format
 
@@ -162,25 +162,15 @@ async def _complete(job: Job, cid: str, created: int, model_id: str, plan: Outpu
     reader = plan.reader()
     reasoning: list[str] = []
     reasoning_steps = 0
-    fin: Finished | None = None
-    try:
-        async for event in st.engine.collect(job):
-            if isinstance(event, Delta):
-                if rec.first_token_at is None:
-                    rec.first_token_at = time.perf_counter()
-                reader.feed(event.content)
-                reasoning.append(event.reasoning)
-                reasoning_steps += bool(event.reasoning and not event.content)
-            elif isinstance(event, Failed):
-                raise event.error
-            else:
-                fin = event
-    finally:
-        job.cancel()
-    assert fin is not None
+
+    def take(event: Delta) -> None:
+        nonlocal reasoning_steps
+        reader.feed(event.content)
+        reasoning.append(event.reasoning)
+        reasoning_steps += bool(event.reasoning and not event.content)
+
+    fin = await run_to_end(st, job, rec, take)
     reader.finish()
-    rec.completion_tokens = fin.completion_tokens
-    rec.cached_tokens = fin.cached_tokens
     text = "".join(reader.text)
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if reader.calls:

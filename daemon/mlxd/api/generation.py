@@ -8,13 +8,15 @@ first event — is here once.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from quart import Response
 
 from ..engine.constrain import GrammarProcessor
-from ..engine.core import Event, Failed, Job
+from ..engine.core import Delta, Event, Failed, Finished, Job
 from ..engine.loader import LoadedModel
 from ..prompt import build_prompt
 from .app import AppState, RequestRecord
@@ -80,6 +82,30 @@ async def start_job(
     rec.prompt_tokens = len(prompt.ids)
     st.engine.submit(job)
     return plan, job
+
+
+async def run_to_end(
+    st: AppState, job: Job, rec: RequestRecord, on_delta: Callable[[Delta], None]
+) -> Finished:
+    """Drive a non-streaming job: hand each Delta to ``on_delta``, raise a Failed's error,
+    record first-token time and token counts, and return the Finished event."""
+    fin: Finished | None = None
+    try:
+        async for event in st.engine.collect(job):
+            if isinstance(event, Delta):
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.perf_counter()
+                on_delta(event)
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                fin = event
+    finally:
+        job.cancel()
+    assert fin is not None
+    rec.completion_tokens = fin.completion_tokens
+    rec.cached_tokens = fin.cached_tokens
+    return fin
 
 
 async def first_event(st: AppState, job: Job) -> Event | None:

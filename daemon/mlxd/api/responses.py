@@ -31,7 +31,7 @@ from ..errors import BadRequest, MlxdError, ModelUnavailable, NotFound
 from ..prompt import content_text
 from . import sse
 from .app import RequestRecord, json_body, record, state
-from .generation import Sampling, first_event, sse_response, start_job
+from .generation import Sampling, first_event, run_to_end, sse_response, start_job
 from .params import SamplingFields, parse
 from .tools import (
     Call,
@@ -533,24 +533,13 @@ async def _complete(
     plan: OutputPlan,
 ) -> Response:
     out = _Output(plan.reader())
-    fin: Finished | None = None
-    try:
-        async for event in state().engine.collect(job):
-            if isinstance(event, Delta):
-                if rec.first_token_at is None:
-                    rec.first_token_at = time.perf_counter()
-                out.reasoning_steps += bool(event.reasoning and not event.content)
-                out.reasoning(event.reasoning)
-                out.content(event.content)
-            elif isinstance(event, Failed):
-                raise event.error
-            else:
-                fin = event
-    finally:
-        job.cancel()
-    assert fin is not None
-    rec.completion_tokens = fin.completion_tokens
-    rec.cached_tokens = fin.cached_tokens
+
+    def take(event: Delta) -> None:
+        out.reasoning_steps += bool(event.reasoning and not event.content)
+        out.reasoning(event.reasoning)
+        out.content(event.content)
+
+    fin = await run_to_end(state(), job, rec, take)
     status = _status(fin)
     out.finish(status)
     body = turn.body(status, out.items(status), fin, reasoning_steps=out.reasoning_steps)
