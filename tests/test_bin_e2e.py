@@ -1,0 +1,59 @@
+"""The README's run command itself: bin/mlxd bootstraps, passes its arguments on, serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT, Daemon, free_port
+
+
+def test_bin_mlxd_serves_the_bundled_model(tmp_path: Path) -> None:
+    """`bin/mlxd --config X` syncs the locked environment (a no-op here), starts, and answers
+    the capital question with Paris; SIGTERM ends it with status 0."""
+    port = free_port()
+    config = tmp_path / "mlxd.toml"
+    config.write_text(f'[server]\nport = {port}\nstate_dir = "{tmp_path / "state"}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [str(ROOT / "bin" / "mlxd"), "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    d = Daemon(proc, port, tmp_path / "state", config, env, stderr)
+    try:
+        health = d.wait_ready(timeout=180)
+        assert health["model"]["id"] == "SmolLM2-135M-Instruct"
+        reply = d.client().chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+        )
+        assert "Paris" in (reply.choices[0].message.content or "")
+        assert d.stop(signal.SIGTERM) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_bin_mlxd_passes_arguments_on(tmp_path: Path) -> None:
+    """`bin/mlxd --config <bad file> check-config` reaches mlxd: exit 78 with the key path."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nprot = 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
+    result = subprocess.run(
+        [str(ROOT / "bin" / "mlxd"), "--config", str(bad), "check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 78
+    assert "server.prot: unknown key" in result.stderr
