@@ -29,7 +29,6 @@ from .engine.core import Engine
 from .engine.loader import LoadedModel
 from .errors import ModelUnavailable
 from .logs import get_logger
-from .metrics import Metrics
 
 log = get_logger("mlxd.service")
 
@@ -96,7 +95,6 @@ class Service:
         )
         loop.add_signal_handler(signal.SIGHUP, lambda: reload.request(self))
         self._tasks.append(asyncio.ensure_future(reload.watch(self)))
-        self.state.metrics = Metrics(self.engine)
         app = create_app(self.state)
         server = self.settings.server
         config = Config()

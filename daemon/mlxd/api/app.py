@@ -88,16 +88,8 @@ class RequestRecord:
             fields["error"] = self.error
         level = "warning" if status >= 500 else "info"
         getattr(log, level)("request.completed", **fields)
-        metrics = self.metrics if self.metrics is not None else current_metrics()
-        if metrics is not None:
-            metrics.observe_request(self, status)
-
-
-_current_state: AppState | None = None
-
-
-def current_metrics() -> Any:
-    return _current_state.metrics if _current_state is not None else None
+        if self.metrics is not None:
+            self.metrics.observe_request(self, status)
 
 
 def record() -> RequestRecord:
@@ -114,8 +106,6 @@ def error_response(exc: MlxdError) -> Response:
 
 def create_app(app_state: AppState) -> Quart:
     """Build the Quart app around ``app_state`` (settings, engine, store)."""
-    global _current_state
-    _current_state = app_state
     app = Quart("mlxd")
     app.extensions["mlxd"] = app_state
     # Streams can run for many minutes: Quart's 60 s RESPONSE_TIMEOUT would cut them silently.

@@ -98,7 +98,6 @@ class Job:
     # engine-thread state
     uid: int = -1
     completion_tokens: int = 0
-    reasoning_chars: int = 0
     cached_tokens: int = 0
     deadline: float = 0.0
     detokenizer: Any = None
@@ -149,7 +148,6 @@ class Engine:
         self.state = "loading"  # loading | ready | failed | stopped
         self.load_error: str | None = None
         self.device: dict[str, str] = {}
-        self.counters = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
         self.ready_event = threading.Event()
         self.prompt_cache = PromptCache(engine_settings.prompt_cache_bytes)
         self.on_loaded: list[Callable[[LoadedModel], None]] = []
@@ -192,7 +190,6 @@ class Engine:
                 f"too many requests waiting ({self.settings.max_queue}); retry shortly",
                 retry_after=2,
             )
-        self.counters["requests"] += 1
         self._pending.append(job)
         self._inbox.put(("wake", None))
 
@@ -436,7 +433,6 @@ class Engine:
             stop_sequences=[self._stops],
         )
         self._active[job.uid] = job
-        self.counters["prompt_tokens"] += len(job.prompt)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -464,7 +460,6 @@ class Engine:
                 self._finish(job, "stop")
                 continue
             job.completion_tokens += 1
-            self.counters["completion_tokens"] += 1
             job.detokenizer.add_token(r.token)
             self._emit(job, job.detokenizer.last_segment)
             if job.done:
@@ -476,7 +471,6 @@ class Engine:
         assert job.text is not None
         piece = job.text.feed(text) if text else None
         if piece is not None and (piece.content or piece.reasoning):
-            job.reasoning_chars += len(piece.reasoning)
             job.send(Delta(piece.content, piece.reasoning))
         if piece is not None and piece.stopped:
             kept = self._gen.remove([job.uid], return_prompt_caches=True)

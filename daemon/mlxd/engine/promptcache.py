@@ -67,8 +67,6 @@ class PromptCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self._entries: list[_Entry] = []
-        self.hits = 0
-        self.misses = 0
 
     @property
     def nbytes(self) -> int:
@@ -104,10 +102,8 @@ class PromptCache:
                 best, best_n = entry, n
         best_n = min(best_n, len(prompt) - 1)
         if best is None or best_n < MIN_REUSE_TOKENS:
-            self.misses += 1
             return None, 0
         best.used = time.monotonic()
-        self.hits += 1
         return _prefix_copy(best.cache, best_n), best_n
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
