@@ -1,5 +1,11 @@
 """Shared fixtures: the real daemon as a subprocess, and an OpenAI SDK client for it.
 
+The suite has three tiers, one folder each, marked by folder (``-m unit``, ``-m app``,
+``-m e2e``): ``unit/`` (no model, no daemon), ``app/`` (in-process: the Quart app or the
+engine, the real bundled model where needed) and ``e2e/`` (the real daemon as a subprocess).
+A test outside ``e2e/`` that asks for a daemon fixture is a collection error, so the fast
+tiers never start one.
+
 ``shared_daemon`` is one daemon for the whole session (tests that only read from it);
 ``start_daemon`` starts a private one for tests that change config, send signals or kill it.
 Every daemon gets its own free port and temporary state directory, so tests never touch the
@@ -24,6 +30,7 @@ from typing import Any
 import httpx2 as httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlxd.backend import preload_blas
 
@@ -41,6 +48,19 @@ def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
     assert set(err) >= {"message", "type", "param", "code"}
     assert err["message"]
     return dict(err)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Exposition text as {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def free_port() -> int:
@@ -202,3 +222,21 @@ def client(shared_daemon: Daemon) -> openai.OpenAI:
 def http(shared_daemon: Daemon) -> Iterator[httpx.Client]:
     with shared_daemon.http() as c:
         yield c
+
+
+TIERS = ("unit", "app", "e2e")
+DAEMON_FIXTURES = {"shared_daemon", "start_daemon", "client", "http"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier (its folder) and keep daemons out of the fast tiers."""
+    for item in items:
+        tier = next((t for t in TIERS if f"/tests/{t}/" in str(item.path)), None)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{unit,app,e2e}}/")
+        item.add_marker(getattr(pytest.mark, tier))
+        wanted = DAEMON_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if tier != "e2e" and wanted:
+            raise pytest.UsageError(
+                f"{item.nodeid}: uses {sorted(wanted)}; tests that start a daemon go in tests/e2e/"
+            )

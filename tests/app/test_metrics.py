@@ -1,4 +1,4 @@
-"""Prometheus metrics: the Metrics object, the /metrics route in-process, and the real daemon."""
+"""Prometheus metrics: the Metrics object and the /metrics route in-process."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2 as httpx
-import openai
-from prometheus_client.parser import text_string_to_metric_families
-
+from conftest import samples, value
 from mlxd.api.app import AppState, RequestRecord, create_app
 from mlxd.config import Settings
 from mlxd.metrics import Metrics
@@ -45,19 +42,6 @@ class FakeEngine:
 
     def active_count(self) -> int:
         return self.active
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Exposition text as {(sample name, sorted labels): value}."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_observe_request_counts_tokens_and_timings() -> None:
@@ -124,33 +108,3 @@ def test_metrics_route_is_open_and_per_app() -> None:
     text_second = asyncio.run(scrape(second, 1))
     assert value(text_first, "mlxd_requests_total", route="/v1/models", status="200") == 2
     assert value(text_second, "mlxd_requests_total", route="/v1/models", status="200") == 1
-
-
-def test_daemon_metrics_after_requests(client: openai.OpenAI, http: httpx.Client) -> None:
-    """Against the real daemon: after a non-streaming and a streaming chat request the request
-    and token counters have grown and the time-to-first-token and decode-speed histograms
-    have observations; the model info names the served model."""
-    before = http.get("/metrics").text
-    client.chat.completions.create(model="m", messages=PARIS, max_tokens=12, temperature=0)
-    list(
-        client.chat.completions.create(
-            model="m", messages=PARIS, max_tokens=12, temperature=0, stream=True
-        )
-    )
-    resp = http.get("/metrics")
-    assert resp.status_code == 200
-    after = resp.text
-
-    def grew(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
-
-    assert grew("mlxd_requests_total", route="/v1/chat/completions", status="200") == 2
-    assert grew("mlxd_requests_total", route="/metrics", status="200") == 1
-    assert grew("mlxd_prompt_tokens_total") > 0
-    assert grew("mlxd_completion_tokens_total") > 0
-    assert grew("mlxd_time_to_first_token_seconds_count") == 2
-    assert grew("mlxd_decode_tokens_per_second_count") == 2
-    assert value(after, "mlxd_model_ready") == 1
-    assert value(after, "mlxd_model_load_seconds") > 0
-    info = [labels for name, labels in samples(after) if name == "mlxd_model_info"]
-    assert len(info) == 1 and ("model", "SmolLM2-135M-Instruct") in info[0]

@@ -15,7 +15,7 @@ import pytest
 
 from mlxd.bench import INPROCESS, MLXD, REFERENCE, Results, _sse, format_table, prefill_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = [sys.executable, "-m", "mlxd.bench"]
 
 

@@ -12,7 +12,7 @@ import pytest
 from mlxd import config
 from mlxd.config import ConfigError, load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:
