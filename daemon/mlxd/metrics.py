@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -77,6 +77,16 @@ class _EngineCollector(Collector):
         yield info
 
 
+class RequestFacts(Protocol):
+    """What a finished request tells the metrics (the API's ``RequestRecord``)."""
+
+    route: str
+    started: float
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    first_token_at: float | None
+
+
 class Metrics:
     """The metrics of one app; ``observe_request`` is called by ``RequestRecord.finish``."""
 
@@ -108,16 +118,16 @@ class Metrics:
         )
         self.registry.register(_EngineCollector(engine))
 
-    def observe_request(self, record: Any, status: int) -> None:
+    def observe_request(self, record: RequestFacts, status: int) -> None:
         """Count one finished request (a ``RequestRecord``); safe to call from any route."""
         now = time.perf_counter()
-        route = getattr(record, "route", "") or "unmatched"
+        route = record.route or "unmatched"
         self.requests.labels(route=route, status=str(status)).inc()
         if record.prompt_tokens:
             self.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
             self.completion_tokens.inc(record.completion_tokens)
-        first = getattr(record, "first_token_at", None)
+        first = record.first_token_at
         if first is None:
             return
         self.ttft.observe(max(first - record.started, 0.0))

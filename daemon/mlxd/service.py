@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import reload
-from .api.app import AppState, create_app
+from .api.app import create_app
+from .api.context import AppState
 from .config import Settings
 from .conversations import lifecycle
 from .conversations.store import StoreDamaged

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conftest import samples, value
-from mlxd.api.app import AppState, RequestRecord, create_app
+from mlxd.api.app import create_app
+from mlxd.api.context import AppState, RequestRecord
 from mlxd.config import Settings
 from mlxd.metrics import Metrics
 

@@ -19,7 +19,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from mlxd.api.app import AppState, create_app
+from mlxd.api.app import create_app
+from mlxd.api.context import AppState
 from mlxd.config import Settings
 from mlxd.conversations.store import Store
 from mlxd.engine.core import Delta, Finished, Job
@@ -72,19 +73,17 @@ class ScriptedEngine:
         return 0
 
     def submit(self, job: Job) -> None:
+        """Like the engine: one piece per decoding step; steps whose text went to
+        reasoning are counted as reasoning tokens."""
         text = TextFilter(stop=list(job.params.stop), reasoning=job.reasoning_mode)
+        thinking = 0
         for piece in [*(text.feed(p) for p in self.pieces), text.finish()]:
+            thinking += bool(piece.reasoning and not piece.content)
             if piece.content or piece.reasoning:
                 job.events.put_nowait(Delta(piece.content, piece.reasoning))
-        job.events.put_nowait(Finished("stop", len(job.prompt), len(self.pieces)))
-
-    async def collect(self, job: Job) -> Any:
-        while True:
-            event = await job.next_event(5.0)
-            assert event is not None
-            yield event
-            if isinstance(event, Finished):
-                return
+        job.events.put_nowait(
+            Finished("stop", len(job.prompt), len(self.pieces), reasoning_tokens=thinking)
+        )
 
 
 def make_app(tmp_path: Path, mode: str) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from mlxd.api.responses import normalize_input
 from mlxd.conversations import archive
+from mlxd.conversations.items import normalize_input
 from mlxd.conversations.store import Store, StoredResponse
 from mlxd.errors import PreviousResponseNotFound
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mlxd.api.responses import build_messages, normalize_input
+from mlxd.conversations.items import build_messages, normalize_input
 from mlxd.conversations.store import Store, StoreDamaged, StoredResponse
 from mlxd.errors import BadRequest, PreviousResponseNotFound
 

@@ -1,107 +1,25 @@
-"""Quart app factory: one error boundary, request logging, CORS, and the blueprints.
+"""Quart app factory: one error boundary, request records, CORS, and the blueprints.
 
 Every error leaves as OpenAI error JSON (``{"error": {message, type, param, code}}``); the
-mapping from :mod:`mlxd.errors` lives here and nowhere else. Each request produces exactly one
-``request.completed`` log event (for streams: when the stream ends), with id, method, path,
-status, duration, model and token counts; bodies and keys are never logged.
+mapping from :mod:`mlxd.errors` lives here and nowhere else. This is the only module that
+imports the route modules (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from quart import Quart, Response, current_app, g, request
+from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from ..config import Settings
-from ..engine.core import Engine
 from ..errors import BadRequest, MlxdError, PayloadTooLarge
 from ..logs import get_logger
-from . import security
+from ..metrics import Metrics
+from . import chat, models, responses, security
+from .context import AppState, RequestRecord, error_response, state
 
 log = get_logger("mlxd.api")
-
-
-@dataclass
-class AppState:
-    """What routes need; ``settings`` is swapped whole on reload (frozen tree)."""
-
-    settings: Settings
-    engine: Engine
-    config_path: Path | None = None
-    started_at: float = field(default_factory=time.time)
-    last_reload: dict[str, Any] | None = None
-    store: Any = None
-    metrics: Any = None
-    api_keys: list[str] = field(default_factory=list)
-    shutting_down: bool = False
-
-
-def state() -> AppState:
-    st: AppState = current_app.extensions["mlxd"]
-    return st
-
-
-@dataclass
-class RequestRecord:
-    """Fields of the canonical ``request.completed`` line, filled in as the request goes."""
-
-    request_id: str
-    method: str
-    path: str
-    started: float
-    model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    streaming: bool = False
-    error: str | None = None
-    done: bool = False
-    route: str = ""  # the URL rule (bounded, unlike path), for metrics
-    first_token_at: float | None = None  # perf_counter at the first generated text
-    metrics: Any = None  # the app's Metrics; finish() may run outside the request context
-
-    def finish(self, status: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        fields = {
-            "request_id": self.request_id,
-            "method": self.method,
-            "path": self.path,
-            "status": status,
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
-            "model": self.model,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-        }
-        if self.cached_tokens:
-            fields["cached_tokens"] = self.cached_tokens
-        if self.streaming:
-            fields["stream"] = True
-        if self.error:
-            fields["error"] = self.error
-        level = "warning" if status >= 500 else "info"
-        getattr(log, level)("request.completed", **fields)
-        if self.metrics is not None:
-            self.metrics.observe_request(self, status)
-
-
-def record() -> RequestRecord:
-    rec: RequestRecord = g.mlxd_record
-    return rec
-
-
-def error_response(exc: MlxdError) -> Response:
-    resp = Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json")
-    if exc.retry_after is not None:
-        resp.headers["Retry-After"] = str(exc.retry_after)
-    return resp
 
 
 def create_app(app_state: AppState) -> Quart:
@@ -113,21 +31,14 @@ def create_app(app_state: AppState) -> Quart:
     app.config["BODY_TIMEOUT"] = 120
     app.config["MAX_CONTENT_LENGTH"] = app_state.settings.server.max_body_bytes
     if app_state.metrics is None:
-        from ..metrics import Metrics
-
         app_state.metrics = Metrics(app_state.engine)
-
-    from .chat import bp as chat_bp
-    from .models import bp as models_bp
-    from .responses import bp as responses_bp
-
-    app.register_blueprint(models_bp)
-    app.register_blueprint(chat_bp)
-    app.register_blueprint(responses_bp)
+    metrics = app_state.metrics
+    for module in (models, chat, responses):
+        app.register_blueprint(module.bp)
 
     @app.get("/metrics")
     async def _metrics() -> Response:
-        body, content_type = state().metrics.render()
+        body, content_type = metrics.render()
         return Response(body, content_type=content_type)
 
     @app.before_request
@@ -202,19 +113,3 @@ def create_app(app_state: AppState) -> Quart:
         return await _mlxd_error(err)
 
     return app
-
-
-async def json_body() -> dict[str, Any]:
-    """The request's JSON object, or a 400 that says what is wrong with it."""
-    raw = await request.get_data(as_text=False)
-    if not raw:
-        raise BadRequest("the request body is empty; send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:  # [[[[... thousands deep: json's parser recurses per level
-        raise BadRequest("the request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return data

@@ -3,6 +3,7 @@
 Tools, ``tool_choice`` and ``response_format`` are planned in :mod:`mlxd.api.tools` (prompt,
 grammar, reading calls back); this module only maps that onto the Chat Completions wire shape.
 
+This module is the Chat Completions renderer and collector of :mod:`mlxd.api.pipeline`.
 Everything that can be wrong with a request is found before the first byte is sent, so bad
 input always gets an HTTP error; a failure after the stream started is sent as
 ``data: {"error": ...}`` (the OpenAI SDK raises on it).
@@ -10,23 +11,22 @@ input always gets an HTTP error; a failure after the stream started is sent as
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
 
-from ..engine.core import Delta, Event, Failed, Finished, Job
+from .. import __version__
 from ..errors import MlxdError
 from ..prompt import content_text
-from . import sse
-from .app import RequestRecord, json_body, record, state
-from .generation import Sampling, first_event, run_to_end, sse_response, start_job
+from . import pipeline, sse
+from .context import json_body, record, state
 from .params import SamplingFields, StopField, normalize_stop, parse
-from .tools import CallArguments, CallStarted, OutputPlan, OutputReader, json_format
+from .pipeline import Done, Piece, Reasoning, Sampling
+from .tools import Call, CallArguments, CallStarted, Text, json_format
 
 bp = Blueprint("chat", __name__)
 
@@ -94,8 +94,7 @@ async def chat_completions() -> Response:
     rec = record()
     req = parse(ChatRequest, await json_body())
     lm = st.engine.require_model()
-    rec.model = lm.id
-    plan, job = await start_job(
+    gen = await pipeline.start(
         st,
         rec,
         lm,
@@ -114,201 +113,150 @@ async def chat_completions() -> Response:
             stop=normalize_stop(req.stop),
         ),
     )
-    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        first = await first_event(st, job)
-        rec.streaming = True
-        keepalive = st.settings.server.sse_keepalive_seconds
-        return sse_response(
-            _stream(job, first, completion_id, created, lm.id, include_usage, rec, keepalive, plan)
-        )
-    return await _complete(job, completion_id, created, lm.id, plan)
+    head = _Head(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), gen.model_id)
+    if not req.stream:
+        message = _Message()
+        done = await pipeline.collect(gen, message.take)
+        return jsonify(head.completion(message, done))
+    keepalive = st.settings.server.sse_keepalive_seconds
+    await pipeline.wait_first(gen, min(keepalive, 2.0))
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    renderer = _ChunkRenderer(head, include_usage)
+    return pipeline.sse_response(pipeline.stream(gen, renderer, keepalive))
 
 
-def _usage(fin: Finished, reasoning_steps: int = 0) -> dict[str, Any]:
-    # The engine does not count tokens inside <think> blocks; decoding steps that produced
-    # only reasoning text are a close stand-in (held-back tag fragments merge a few).
-    reasoning_tokens = fin.reasoning_tokens or min(reasoning_steps, fin.completion_tokens)
+def usage(done: Done) -> dict[str, Any]:
+    fin = done.finished
     return {
         "prompt_tokens": fin.prompt_tokens,
         "completion_tokens": fin.completion_tokens,
         "total_tokens": fin.prompt_tokens + fin.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "completion_tokens_details": {"reasoning_tokens": fin.reasoning_tokens},
     }
 
 
-def _finish_reason(fin: Finished, reader: OutputReader) -> str:
-    """``tool_calls`` when the model called tools and was not cut off."""
-    return "tool_calls" if reader.calls and fin.finish_reason == "stop" else fin.finish_reason
-
-
-def _tool_calls(reader: OutputReader) -> list[dict[str, Any]]:
+def _tool_calls(calls: tuple[Call, ...]) -> list[dict[str, Any]]:
     return [
         {
             "id": c.id,
             "type": "function",
             "function": {"name": c.name, "arguments": c.arguments},
         }
-        for c in reader.calls
+        for c in calls
     ]
 
 
-async def _complete(job: Job, cid: str, created: int, model_id: str, plan: OutputPlan) -> Response:
-    st = state()
-    rec = record()
-    reader = plan.reader()
-    reasoning: list[str] = []
-    reasoning_steps = 0
+FINGERPRINT = f"mlxd-{__version__}"
 
-    def take(event: Delta) -> None:
-        nonlocal reasoning_steps
-        reader.feed(event.content)
-        reasoning.append(event.reasoning)
-        reasoning_steps += bool(event.reasoning and not event.content)
 
-    fin = await run_to_end(st, job, rec, take)
-    reader.finish()
-    text = "".join(reader.text)
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if reader.calls:
-        message["content"] = text or None
-        message["tool_calls"] = _tool_calls(reader)
-    if any(reasoning):
-        message["reasoning_content"] = "".join(reasoning)
-    return jsonify(
-        {
-            "id": cid,
+@dataclass(frozen=True)
+class _Head:
+    """What every chunk and the completion object repeat."""
+
+    id: str
+    created: int
+    model: str
+
+    def completion(self, message: _Message, done: Done) -> dict[str, Any]:
+        return {
+            "id": self.id,
             "object": "chat.completion",
-            "created": created,
-            "model": model_id,
+            "created": self.created,
+            "model": self.model,
             "choices": [
                 {
                     "index": 0,
-                    "message": message,
+                    "message": message.body(done),
                     "logprobs": None,
-                    "finish_reason": _finish_reason(fin, reader),
+                    "finish_reason": done.finish_reason,
                 }
             ],
-            "usage": _usage(fin, reasoning_steps),
-            "system_fingerprint": _fingerprint(),
+            "usage": usage(done),
+            "system_fingerprint": FINGERPRINT,
         }
-    )
 
-
-def _fingerprint() -> str:
-    from .. import __version__
-
-    return f"mlxd-{__version__}"
-
-
-async def _stream(
-    job: Job,
-    first: Event | None,
-    cid: str,
-    created: int,
-    model_id: str,
-    include_usage: bool,
-    rec: RequestRecord,
-    keepalive: float,
-    plan: OutputPlan,
-) -> AsyncIterator[bytes]:
-    # Runs after the handler returned, outside the request context: everything it needs is
-    # passed in.
-    status = 200
-    reader = plan.reader()
-    reasoning_steps = 0
-
-    def content_deltas(text: str | None, reasoning: str = "") -> list[dict[str, Any]]:
-        """The deltas for ``text`` read as content and tool calls; ``None``: the end of the
-        output (whatever the reader still held back). A call's first delta carries index,
-        id, type, name and empty arguments; argument pieces follow in later deltas."""
-        deltas: list[dict[str, Any]] = []
-        current: dict[str, Any] = {}
-        if reasoning:
-            current["reasoning_content"] = reasoning
-        read = reader.feed(text) if text is not None else reader.finish()
-        for ev in read:
-            if isinstance(ev, CallStarted):
-                if current:
-                    deltas.append(current)
-                start = {
-                    "index": ev.call.index,
-                    "id": ev.call.id,
-                    "type": "function",
-                    "function": {"name": ev.call.name, "arguments": ""},
-                }
-                deltas.append({"tool_calls": [start]})
-                current = {}
-            elif isinstance(ev, CallArguments):
-                calls = current.setdefault("tool_calls", [])
-                if calls and calls[-1]["index"] == ev.call.index:
-                    calls[-1]["function"]["arguments"] += ev.delta
-                else:
-                    calls.append({"index": ev.call.index, "function": {"arguments": ev.delta}})
-            else:
-                current["content"] = current.get("content", "") + ev.text
-        if current:
-            deltas.append(current)
-        return deltas
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": cid,
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
             "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_id,
-            "system_fingerprint": _fingerprint(),
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            **extra,
         }
-        if include_usage:
-            payload["usage"] = None
-        return sse.data_frame(payload)
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for event in sse.events_after(job, first, keepalive):
-            if event is None:
-                yield sse.KEEPALIVE
-            elif isinstance(event, Delta):
-                if rec.first_token_at is None:
-                    rec.first_token_at = time.perf_counter()
-                reasoning_steps += bool(event.reasoning and not event.content)
-                for delta in content_deltas(event.content, event.reasoning):
-                    yield chunk(delta)
-            elif isinstance(event, Failed):
-                status = event.error.status
-                rec.error = event.error.code or event.error.type
-                yield sse.data_frame(event.error.body())
-                return
-            else:
-                rec.completion_tokens = event.completion_tokens
-                rec.cached_tokens = event.cached_tokens
-                for delta in content_deltas(None):
-                    yield chunk(delta)
-                yield chunk({}, _finish_reason(event, reader))
-                if include_usage:
-                    payload = {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model_id,
-                        "system_fingerprint": _fingerprint(),
-                        "choices": [],
-                        "usage": _usage(event, reasoning_steps),
-                    }
-                    yield sse.data_frame(payload)
-                yield sse.DONE
-                return
-    except asyncio.CancelledError:
-        status = 499  # client closed the connection (nginx's convention)
-        rec.error = "client_disconnected"
-        raise
-    except MlxdError as exc:  # defensive: never leave a stream without a terminal frame
-        status = exc.status
-        yield sse.data_frame(exc.body())
-    finally:
-        job.cancel()
-        rec.finish(status)
+
+@dataclass
+class _Message:
+    """The collector: the assistant message of a non-streaming completion."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+
+    def take(self, piece: Piece) -> None:
+        if isinstance(piece, Text):
+            self.text.append(piece.text)
+        elif isinstance(piece, Reasoning):
+            self.reasoning.append(piece.text)
+
+    def body(self, done: Done) -> dict[str, Any]:
+        text = "".join(self.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if done.calls:
+            message["content"] = text or None
+            message["tool_calls"] = _tool_calls(done.calls)
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        return message
+
+
+@dataclass
+class _ChunkRenderer:
+    """The renderer: ``chat.completion.chunk`` frames. A call's first delta carries index,
+    id, type, name and empty arguments; argument pieces follow in later deltas."""
+
+    head: _Head
+    include_usage: bool
+
+    def _frame(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        extra = {"usage": None} if self.include_usage else {}
+        return sse.data_frame(self.head.chunk([choice], **extra))
+
+    def opening(self) -> list[bytes]:
+        return [self._frame({"role": "assistant", "content": ""})]
+
+    def keepalive(self) -> bytes:
+        return sse.KEEPALIVE
+
+    def piece(self, piece: Piece) -> list[bytes]:
+        if isinstance(piece, Text):
+            return [self._frame({"content": piece.text})]
+        if isinstance(piece, Reasoning):
+            return [self._frame({"reasoning_content": piece.text})]
+        if isinstance(piece, CallStarted):
+            call = piece.call
+            start = {
+                "index": call.index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            return [self._frame({"tool_calls": [start]})]
+        assert isinstance(piece, CallArguments)
+        more = {"index": piece.call.index, "function": {"arguments": piece.delta}}
+        return [self._frame({"tool_calls": [more]})]
+
+    async def done(self, done: Done) -> list[bytes]:
+        frames = [self._frame({}, done.finish_reason)]
+        if self.include_usage:
+            frames.append(sse.data_frame(self.head.chunk([], usage=usage(done))))
+        return [*frames, sse.DONE]
+
+    def failed(self, error: MlxdError) -> list[bytes]:
+        return [sse.data_frame(error.body())]
+
+    def close(self) -> None:
+        return None

@@ -9,7 +9,7 @@ from quart import Blueprint, Response, jsonify
 
 from .. import __version__
 from ..errors import NotFound
-from .app import state
+from .context import state
 
 bp = Blueprint("models", __name__)
 

@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from quart import Response, request
 
 from ..config import LOOPBACK_NAMES
 from ..errors import Forbidden, Unauthorized
-
-if TYPE_CHECKING:
-    from .app import AppState
+from .context import AppState
 
 _OPEN_PATHS = frozenset({"/health", "/metrics"})
 _CORS_HEADERS = "Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project"

@@ -1,0 +1,270 @@
+"""The one generation pipeline every API uses: request → job → typed output → wire.
+
+An API route validates its own request shape and builds chat messages; from there the path is
+the same for all of them:
+
+1. :func:`start` plans tools and output format, builds the prompt, checks the limits and
+   submits the job to the engine (every 4xx/503 is raised here, before any byte is sent).
+2. :func:`pieces` turns the engine's events into typed output pieces — :class:`Reasoning`,
+   :class:`~mlxd.api.tools.Text`, :class:`~mlxd.api.tools.CallStarted`,
+   :class:`~mlxd.api.tools.CallArguments` — then one :class:`Done` (finish reason, usage,
+   the calls read); a failure raises its :class:`~mlxd.errors.MlxdError`.
+3. Either :func:`collect` (non-streaming: a collector function takes each piece) or
+   :func:`stream` (SSE: a :class:`Renderer` turns each piece into frames).
+
+:func:`stream` is the only stream loop: keep-alives while the engine is silent, first-token
+time, the failure frame, 499 on disconnect, cancelling the job, and the request's one
+``request.completed`` record all live here. A new API is one renderer and one collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from quart import Response
+
+from ..engine.constrain import GrammarProcessor
+from ..engine.core import Delta, Event, Failed, Finished, Job
+from ..engine.loader import LoadedModel
+from ..errors import MlxdError
+from ..logs import get_logger
+from ..prompt import build_prompt
+from .context import AppState, RequestRecord
+from .params import generation_params
+from .tools import Call, CallArguments, CallStarted, JsonFormat, OutputPlan, Text, plan_output
+
+log = get_logger("mlxd.api")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The request's generation fields, named the same in every API."""
+
+    requested_max: int | None
+    max_param: str
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    repetition_penalty: float | None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """Reasoning (``<think>``) text, separated from the answer."""
+
+    text: str
+
+
+Piece = Reasoning | Text | CallStarted | CallArguments
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of a generation: the engine's counts and the tool calls that were read."""
+
+    finished: Finished
+    calls: tuple[Call, ...]
+
+    @property
+    def finish_reason(self) -> str:
+        """``tool_calls`` when the model called tools and was not cut off; else the engine's."""
+        if self.calls and self.finished.finish_reason == "stop":
+            return "tool_calls"
+        return self.finished.finish_reason
+
+
+@dataclass
+class Generation:
+    """A submitted job, its output plan, and the request it belongs to."""
+
+    job: Job
+    plan: OutputPlan
+    record: RequestRecord
+    model_id: str
+    first: Event | None = None  # awaited before a stream started (see wait_first)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.job.params.max_tokens
+
+
+async def start(
+    st: AppState,
+    rec: RequestRecord,
+    lm: LoadedModel,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[Any] | None,
+    tool_choice: Any,
+    parallel: bool | None,
+    fmt: JsonFormat | None,
+    sampling: Sampling,
+) -> Generation:
+    """Plan tools and format, build the prompt, check limits, and submit the job.
+
+    Raises API errors (400 for bad tools/schemas/context length, 503 when the queue is
+    full) before anything is generated.
+    """
+    plan = await asyncio.to_thread(
+        plan_output, lm, tools=tools, choice=tool_choice, parallel=parallel, fmt=fmt
+    )
+    prompt = await asyncio.to_thread(build_prompt, lm, plan.prepare(messages), plan.template_tools)
+    params = generation_params(
+        st.settings,
+        lm,
+        len(prompt.ids),
+        requested_max=sampling.requested_max,
+        max_param=sampling.max_param,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        repetition_penalty=sampling.repetition_penalty,
+        stop=sampling.stop,
+        logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
+    )
+    job = Job(
+        model=lm,
+        prompt=prompt.ids,
+        params=params,
+        reasoning_mode=st.settings.model.reasoning,
+        in_think=prompt.in_think,
+        loop=asyncio.get_running_loop(),
+    )
+    rec.model = lm.id
+    rec.prompt_tokens = len(prompt.ids)
+    st.engine.submit(job)
+    return Generation(job, plan, rec, lm.id)
+
+
+async def wait_first(gen: Generation, timeout: float) -> None:
+    """Wait up to ``timeout`` for the first event before a stream starts, so that early
+    failures (a model switch, shutdown) are HTTP errors rather than broken streams."""
+    first = await gen.job.next_event(timeout)
+    if isinstance(first, Failed):
+        gen.job.cancel()
+        raise first.error
+    gen.first = first
+
+
+async def pieces(gen: Generation, interval: float | None) -> AsyncIterator[Piece | Done | None]:
+    """The generation's output as typed pieces, then one :class:`Done`; ``None`` whenever
+    ``interval`` seconds pass with nothing new (the caller sends a keep-alive). A failure
+    raises its error. Leaving early cancels the job."""
+    job, rec = gen.job, gen.record
+    reader = gen.plan.reader()
+    pending, gen.first = gen.first, None
+    try:
+        while True:
+            event = pending if pending is not None else await job.next_event(interval)
+            pending = None
+            if event is None:
+                yield None
+            elif isinstance(event, Delta):
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.perf_counter()
+                if event.reasoning:
+                    yield Reasoning(event.reasoning)
+                for piece in reader.feed(event.content):
+                    yield piece
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                for piece in reader.finish():
+                    yield piece
+                rec.completion_tokens = event.completion_tokens
+                rec.cached_tokens = event.cached_tokens
+                yield Done(event, tuple(reader.calls))
+                return
+    finally:
+        job.cancel()
+
+
+async def collect(gen: Generation, take: Callable[[Piece], object]) -> Done:
+    """Drive a non-streaming generation: hand each piece to ``take`` (its result is
+    ignored); return the end."""
+    async for item in pieces(gen, None):
+        if isinstance(item, Done):
+            return item
+        if item is not None:
+            take(item)
+    raise AssertionError("the engine ended a job without Finished or Failed")
+
+
+class Renderer(Protocol):
+    """How one API writes a generation as server-sent events."""
+
+    def opening(self) -> list[bytes]:
+        """Frames sent at once, before any output (role chunk, ``message_start``...)."""
+
+    def keepalive(self) -> bytes:
+        """A frame for a silent interval (a comment, or an event for clients that only
+        count events as activity)."""
+
+    def piece(self, piece: Piece) -> list[bytes]:
+        """Frames for one output piece."""
+
+    async def done(self, done: Done) -> list[bytes]:
+        """The closing frames; may store the result (an error raised here is sent with
+        :meth:`failed`)."""
+
+    def failed(self, error: MlxdError) -> list[bytes]:
+        """The terminal frames for a failure after the stream started."""
+
+    def close(self) -> None:
+        """Release what the stream held (always called, once)."""
+
+
+async def stream(gen: Generation, renderer: Renderer, interval: float) -> AsyncIterator[bytes]:
+    """The one SSE loop. Runs after the route returned (outside the request context), so
+    everything it needs is in ``gen`` and ``renderer``."""
+    rec = gen.record
+    rec.streaming = True
+    status = 200
+    try:
+        for frame in renderer.opening():
+            yield frame
+        try:
+            async for item in pieces(gen, interval):
+                if item is None:
+                    yield renderer.keepalive()
+                elif isinstance(item, Done):
+                    for frame in await renderer.done(item):
+                        yield frame
+                    return
+                else:
+                    for frame in renderer.piece(item):
+                        yield frame
+            raise AssertionError("the engine ended a job without Finished or Failed")
+        except MlxdError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still end the stream with a terminal frame
+            log.exception("request.failed", error=f"{type(exc).__name__}: {exc}")
+            error = MlxdError(f"internal error: {type(exc).__name__}", code="internal_error")
+        status = error.status
+        rec.error = error.code or error.type
+        for frame in renderer.failed(error):
+            yield frame
+    except asyncio.CancelledError:
+        status = 499  # the client closed the connection (nginx's convention)
+        rec.error = "client_disconnected"
+        raise
+    finally:
+        gen.job.cancel()
+        renderer.close()
+        rec.finish(status)
+
+
+def sse_response(body: AsyncIterator[bytes]) -> Response:
+    """A streaming response with no time limit and no proxy buffering."""
+    resp = Response(body, mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    resp.timeout = None
+    return resp
