@@ -1,4 +1,4 @@
-"""``mlxd`` command line: serve (default), check-config, export-model, logs.
+"""``mlxd`` command line: serve (default), check-config, export-model, logs, ps.
 
 Exit status 78 (EX_CONFIG) means the configuration is unusable; service files treat it as
 final, so a bad config does not make launchd/systemd restart the daemon in a loop.
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--request-id", help="only lines of this request id")
     logs.add_argument("--event", help="only events starting with this name (e.g. request.)")
     logs.add_argument("-n", "--lines", type=int, default=50, help="lines of history (default 50)")
-    for p in (check, export, logs, sub.choices["serve"]):
+    ps = sub.add_parser("ps", help="list the daemon's models: state, memory, idle time")
+    ps.add_argument("--json", action="store_true", help="print the /health models as JSON")
+    for p in (check, export, logs, ps, sub.choices["serve"]):
         p.add_argument("--config", help=argparse.SUPPRESS, dest="sub_config")
     return parser
 
@@ -73,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     preload_blas(settings.engine.blas)
     set_kernel_cache(settings.state_dir())  # before mlx import, like the BLAS
     apply_cuda_env_defaults()
+    if command == "ps":
+        from .ps import run as run_ps
+
+        return run_ps(settings, as_json=args.json)
+    if command in ("serve", "check-config"):
+        problem = _budget_problem(settings)
+        if problem is not None:
+            print(f"mlxd: invalid configuration: {problem}", file=sys.stderr)
+            return EX_CONFIG
     if command == "check-config":
         return _check_config(settings, path)
     if command == "export-model":
@@ -82,6 +93,33 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(run_logs(settings, args))
     return _serve(settings, path, list(sys.argv[1:] if argv is None else argv))
+
+
+def _budget_problem(settings: Settings) -> str | None:
+    """Pinned models that cannot fit the memory budget (needs the backend, so not in config)."""
+    from .backend import device_info
+    from .models.memory import pinned_problem
+
+    info = device_info()
+    return pinned_problem(settings, info["device"], info["backend"])
+
+
+def _memory_plan(settings: Settings) -> dict[str, object]:
+    """The budget and each model's estimate, as check-config prints them."""
+    from .backend import device_info
+    from .models.memory import budget, estimate
+    from .models.registry import model_table
+
+    info = device_info()
+    models: dict[str, object] = {}
+    for entry_id, entry in model_table(settings).items():
+        est = estimate(entry, settings.engine, info["device"])
+        models[entry_id] = (
+            None
+            if est is None
+            else {"weights_bytes": est.weights_bytes, "kv_bytes": est.kv_bytes, "total": est.total}
+        )
+    return {"budget_bytes": budget(settings, info["device"], info["backend"]), "models": models}
 
 
 def _check_config(settings: Settings, path: Path | None) -> int:
@@ -98,6 +136,7 @@ def _check_config(settings: Settings, path: Path | None) -> int:
             "log_file": str(settings.log_path()),
         },
         "backend": {**device_info(), "blas_reason": blas_choice().reason},
+        "memory": _memory_plan(settings),
     }
     print(json.dumps(out, indent=2))
     print("configuration OK", file=sys.stderr)
@@ -111,7 +150,9 @@ def _export_model(settings: Settings, out: Path, dtype: str) -> int:
     from .models.source import resolve
 
     try:
-        source = resolve(settings.model.path)
+        from .models.registry import Router
+
+        source = resolve(Router.from_settings(settings).resolve(None).path)
         if source.kind not in ("bundled", "gguf"):
             print(f"mlxd: {source.path} is already an MLX/HF directory", file=sys.stderr)
             return 1

@@ -177,6 +177,37 @@ class ModelSettings(_Section):
         "text.",
     )
 
+    # Residency (many models, one daemon; see mlxd.models.registry) --------------------
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="Other names that reach this model: exact names ('gpt-4o') or glob "
+        "patterns ('gpt-5*', 'claude-*'), so agent clients' default model names reach a local "
+        "model. A name may match one entry only.",
+    )
+    keep_alive: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds without requests before the model is unloaded and its memory "
+        "returned; 0 keeps it loaded. A request's keep_alive field (as in Ollama) sets it for "
+        "this model from then on.",
+    )
+    preload: bool = Field(
+        True,
+        description="Load at start (/health waits for it); false loads it on its first request.",
+    )
+    pinned: bool = Field(
+        False,
+        description="Never evicted to make room for another model (idle keep_alive still "
+        "applies). A pinned model larger than engine.memory_budget_bytes is a config error.",
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not a.strip() for a in value):
+            raise ValueError("an alias must not be empty")
+        return [a.strip() for a in value]
+
     @field_validator("path")
     @classmethod
     def _path_not_empty(cls, value: str) -> str:
@@ -217,6 +248,31 @@ class EngineSettings(_Section):
         True,
         description="Run a short prefill and decode after loading, before reporting ready, so no "
         "request waits for kernel compilation.",
+    )
+    memory_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="Memory the loaded models may use together (weights plus KV cache for "
+        "max_batch_size sequences of their context_length). Before a load, least recently used "
+        "idle models that are not pinned are unloaded until the new one fits. 0: derived from "
+        "the machine: Apple GPU: Metal's recommended working set; CUDA: 90% of the GPU's memory; "
+        "CPU: 60% of physical RAM.",
+    )
+
+
+class RoutingSettings(_Section):
+    """[routing]: which [models.<id>] entry answers a request's model name."""
+
+    default: str = Field(
+        "",
+        description="Id of the entry that answers requests whose model is missing or empty. "
+        "Empty: the first [models.<id>] entry.",
+    )
+    fallback: str = Field(
+        "",
+        description="Id of the entry that answers names matching no id or alias. Empty: such "
+        "names get 404 model_not_found listing the ids. (A config with a single [model] "
+        "section answers every name with it, as before [models] existed.)",
     )
 
 
@@ -282,6 +338,12 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     security: SecuritySettings = Field(default_factory=SecuritySettings)  # type: ignore[arg-type]
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict,
+        description="Several models, one table each: [models.<id>] with the keys of [model] "
+        "(the table name is the id clients send). Replaces [model]; use one or the other.",
+    )
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)  # type: ignore[arg-type]
     engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
     conversations: ConversationSettings = Field(default_factory=ConversationSettings)  # type: ignore[arg-type]
     logging: LoggingSettings = Field(default_factory=LoggingSettings)  # type: ignore[arg-type]
@@ -308,6 +370,15 @@ class Settings(BaseSettings):
                 'configured. Hint: keep host = "127.0.0.1", or set [security] api_keys = '
                 '["<a long random string>"] (or api_key_file) before exposing mlxd to a network.'
             )
+        return self
+
+    @model_validator(mode="after")
+    def _model_table_is_consistent(self) -> Settings:
+        from .models.registry import table_problems
+
+        problems = table_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     # Paths resolved against state_dir -------------------------------------------------
@@ -352,6 +423,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "server": ServerSettings,
     "security": SecuritySettings,
     "model": ModelSettings,
+    "routing": RoutingSettings,
     "engine": EngineSettings,
     "conversations": ConversationSettings,
     "logging": LoggingSettings,
@@ -388,11 +460,14 @@ def load_settings(path: Path | None) -> Settings:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}. Hint: fix the syntax.") from exc
         for section, value in data.items():
+            if section == "models":
+                _check_models_table(path, value)
+                continue
             if section not in SECTIONS:
                 raise ConfigError(
                     f"{path}: unknown section [{section}]. Hint: valid sections are "
                     + ", ".join(f"[{s}]" for s in SECTIONS)
-                    + "."
+                    + ", [models.<id>]."
                 )
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: '{section}' must be a [{section}] table.")
@@ -402,14 +477,33 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(_explain(exc, where)) from None
 
 
+def _check_models_table(path: Path, value: Any) -> None:
+    """``models`` must be a table of tables: ``[models.<id>]``."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(
+            f"{path}: 'models' must hold one table per model. Hint: write [models.<id>] "
+            'with path = "..." under it, e.g. [models.smollm2].'
+        )
+
+
+def _section_of(loc: tuple[int | str, ...]) -> tuple[str, type[_Section] | None, int]:
+    """The section a validation error is in, its class, and where its key sits in ``loc``."""
+    if loc and loc[0] == "models":
+        return f"models.{loc[1]}" if len(loc) > 1 else "models", ModelSettings, 2
+    name = str(loc[0]) if loc else ""
+    return name, SECTIONS.get(name), 1
+
+
 def _explain(exc: ValidationError, where: str) -> str:
     """One line per problem: the dotted key path, what is wrong, and a hint for the fix."""
     lines = [f"invalid configuration ({where}):"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            section = str(err["loc"][0]) if len(err["loc"]) > 1 else ""
-            valid = ", ".join(SECTIONS[section].model_fields) if section in SECTIONS else ""
+            section, cls, depth = _section_of(err["loc"])
+            valid = (
+                ", ".join(cls.model_fields) if cls is not None and len(err["loc"]) > depth else ""
+            )
             hint = f"Hint: check the spelling; valid keys in [{section}]: {valid}."
             lines.append(f"  {loc}: unknown key. {hint}")
         elif err["type"] == "value_error":
@@ -422,15 +516,23 @@ def _explain(exc: ValidationError, where: str) -> str:
 
 
 def _field_for(loc: tuple[int | str, ...]) -> Any:
-    if len(loc) >= 2 and loc[0] in SECTIONS:
-        return SECTIONS[str(loc[0])].model_fields.get(str(loc[1]))
+    _, cls, depth = _section_of(loc)
+    if cls is not None and len(loc) > depth:
+        return cls.model_fields.get(str(loc[depth]))
     return None
 
 
 def effective_config(settings: Settings) -> dict[str, Any]:
     """The settings as plain data, with API keys masked (never print or log a key)."""
+    from .models.registry import model_table
+
     data = settings.model_dump(mode="json")
     data["security"]["api_keys"] = ["***"] * len(settings.security.api_keys)
+    # The effective table: a lone [model] section shows as the one entry it stands for.
+    data.pop("model", None)
+    data["models"] = {
+        entry_id: entry.model_dump(mode="json") for entry_id, entry in model_table(settings).items()
+    }
     return data
 
 
@@ -465,7 +567,30 @@ def render_toml() -> str:
             for line in _wrap(field.description or "", 88):
                 out.append(f"# {line}")
             out.append(f"{key} = {_toml_value(default)}")
+        if name == "model":
+            out += ["", *(f"# {line}" if line else "#" for line in MODELS_EXAMPLE)]
     return "\n".join(out) + "\n"
+
+
+#: The commented example under [model] in etc/mlxd.toml: how to serve several models.
+MODELS_EXAMPLE = (
+    "Several models: replace [model] with one [models.<id>] table per model. Each takes the",
+    "keys of [model]; the table name is the id clients send as 'model'. Models load when first",
+    "asked for (or at start with preload = true), share engine.memory_budget_bytes (least",
+    "recently used idle ones are unloaded to make room) and unload after keep_alive idle",
+    "seconds. [routing] picks the default and an optional fallback for unknown names.",
+    "",
+    "[models.smollm2]",
+    'path = "bundled:SmolLM2-135M-Instruct"',
+    'aliases = ["gpt-5*", "claude-*"]',
+    "pinned = true",
+    "",
+    "[models.smollm2-f32]",
+    'path = "bundled:SmolLM2-135M-Instruct"',
+    'dtype = "float32"',
+    "preload = false",
+    "keep_alive = 300",
+)
 
 
 def render_markdown() -> str:
@@ -476,6 +601,9 @@ def render_markdown() -> str:
             default = _toml_value(field.get_default(call_default_factory=True))
             desc = (field.description or "").replace("|", "\\|")
             rows.append(f"| `{name}.{key}` | `{default}` | {desc} |")
+        if name == "model":
+            desc = str(Settings.model_fields["models"].description)
+            rows.append(f"| `models.<id>.<key>` | `{{}}` | {desc} |")
     return "\n".join(rows) + "\n"
 
 

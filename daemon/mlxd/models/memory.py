@@ -1,0 +1,172 @@
+"""How much memory a configured model will take, and how much all models may take together.
+
+The estimate is read from the files without loading anything (milliseconds): weights from
+the GGUF header's element counts or the safetensors file sizes, scaled to the dtype the
+loader will serve (:mod:`mlxd.engine.loader` decides: ``auto`` dequantizes small quantized
+models to float32 on the CPU); KV cache for ``engine.max_batch_size`` sequences of the
+entry's context length (keys and values, every layer, every KV head). KV memory in mlx-lm
+grows as sequences grow, so this is the most it can reach, which is what a budget must hold.
+Once a model has been loaded, the engine uses its measured weight bytes instead.
+
+The budget (``engine.memory_budget_bytes``; 0 derives it per platform):
+
+* Apple GPU (Metal, unified memory): Metal's recommended working set for the device
+  (``max_recommended_working_set_size``, about 2/3 to 3/4 of RAM);
+* CUDA: 90% of the GPU's memory;
+* CPU: 60% of physical RAM (the rest is for the OS, the prompt cache and other programs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ..config import EngineSettings, ModelSettings, Settings
+
+#: Mirrors loader._AUTO_DEQUANTIZE_RAM_SHARE: 'auto' dequantizes only models this small.
+_AUTO_DEQUANTIZE_RAM_SHARE = 0.25
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+CPU_BUDGET_SHARE = 0.60
+CUDA_BUDGET_SHARE = 0.90
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a model needs resident: its weights plus the most its KV cache can reach."""
+
+    weights_bytes: int
+    kv_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weights_bytes + self.kv_bytes
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
+
+
+def default_budget(device: str, backend_name: str) -> int:
+    """The budget when ``engine.memory_budget_bytes`` is 0 (rule in the module docstring)."""
+    if device == "gpu":
+        import mlx.core as mx
+
+        info: dict[str, Any] = dict(mx.device_info()) if hasattr(mx, "device_info") else {}
+        if backend_name == "metal" and info.get("max_recommended_working_set_size"):
+            return int(info["max_recommended_working_set_size"])
+        total = info.get("memory_size") or info.get("total_memory")
+        if total:
+            return int(int(total) * CUDA_BUDGET_SHARE)
+    return int(physical_memory() * CPU_BUDGET_SHARE)
+
+
+def budget(settings: Settings, device: str, backend_name: str) -> int:
+    return settings.engine.memory_budget_bytes or default_budget(device, backend_name)
+
+
+def estimate(entry: ModelSettings, engine: EngineSettings, device: str) -> MemoryEstimate | None:
+    """The estimate for ``entry`` on ``device`` ("cpu"/"gpu"), or None when its files are not
+    here yet (a Hugging Face repo that is not downloaded: it is counted once loaded)."""
+    from .source import resolve
+
+    try:
+        source = resolve(entry.path, download=False)
+        if source.kind in ("bundled", "gguf"):
+            weights, shape = _gguf(source.path, entry.dtype, device)
+        else:
+            weights, shape = _safetensors(source.path, entry.dtype, device)
+    except (ModelLoadError, OSError, ValueError, KeyError, struct.error):
+        return None
+    layers, kv_heads, head_dim, model_context, per = shape
+    context = entry.context_length or model_context
+    per_value = 4 if per == 4 else 2  # activations (and so KV) follow float32 weights
+    kv = 2 * layers * kv_heads * head_dim * per_value * context * engine.max_batch_size
+    return MemoryEstimate(weights, kv)
+
+
+def _target_bytes(dtype: str, device: str, float32_bytes: int) -> int | None:
+    """Bytes per weight the loader will serve, or None when it keeps the stored weights."""
+    if dtype in _DTYPE_BYTES:
+        return _DTYPE_BYTES[dtype]
+    if dtype == "auto" and device == "cpu":
+        fits = float32_bytes <= physical_memory() * _AUTO_DEQUANTIZE_RAM_SHARE
+        return 4 if fits else None
+    return None
+
+
+def _gguf(path: Path, dtype: str, device: str) -> tuple[int, tuple[int, int, int, int, int | None]]:
+    from .gguf import header_summary
+
+    summary = header_summary(path)
+    ints = summary.ints
+    arch = "llama"
+    layers = ints[f"{arch}.block_count"]
+    heads = ints[f"{arch}.attention.head_count"]
+    kv_heads = ints.get(f"{arch}.attention.head_count_kv", heads)
+    head_dim = ints.get(f"{arch}.rope.dimension_count") or ints[f"{arch}.embedding_length"] // heads
+    context = ints.get(f"{arch}.context_length", 4096)
+    per = _target_bytes(dtype, device, summary.elements * 4)
+    weights = path.stat().st_size if per is None else summary.elements * per
+    return weights, (layers, kv_heads, head_dim, context, per)
+
+
+def _safetensors(
+    path: Path, dtype: str, device: str
+) -> tuple[int, tuple[int, int, int, int, int | None]]:
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config", config)
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    bits = (config.get("quantization") or {}).get("bits")
+    # Elements: quantized weights pack 32/bits per uint32 (scales are a small extra).
+    elements = stored * 8 // bits if bits else stored // _source_bytes(config)
+    per = _target_bytes(dtype, device, elements * 4)
+    weights = stored if per is None else elements * per
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    context = int(text.get("max_position_embeddings") or 4096)
+    return weights, (int(text["num_hidden_layers"]), kv_heads, head_dim, context, per)
+
+
+def _source_bytes(config: dict[str, Any]) -> int:
+    return 4 if str(config.get("torch_dtype", "")) == "float32" else 2
+
+
+def pinned_problem(settings: Settings, device: str, backend_name: str) -> str | None:
+    """A config error when the pinned models alone do not fit the budget, else None."""
+    from .registry import model_table
+
+    limit = budget(settings, device, backend_name)
+    pinned: list[tuple[str, MemoryEstimate]] = []
+    for entry_id, entry in model_table(settings).items():
+        if entry.pinned:
+            est = estimate(entry, settings.engine, device)
+            if est is not None:
+                pinned.append((entry_id, est))
+    need = sum(e.total for _, e in pinned)
+    if need <= limit:
+        return None
+    parts = ", ".join(
+        f"models.{i} ~{_mib(e.total)} (weights {_mib(e.weights_bytes)} + KV {_mib(e.kv_bytes)})"
+        for i, e in pinned
+    )
+    return (
+        f"pinned models need {_mib(need)} but engine.memory_budget_bytes allows {_mib(limit)}: "
+        f"{parts}. Hint: raise engine.memory_budget_bytes, lower context_length or "
+        "engine.max_batch_size (KV cache), or set pinned = false."
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB"

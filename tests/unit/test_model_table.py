@@ -1,0 +1,158 @@
+"""The model table: [models.<id>] and legacy [model], routing by id/alias/glob, validation,
+memory estimates and the pinned-versus-budget check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlxd.config import ConfigError, Settings, load_settings
+from mlxd.errors import NotFound
+from mlxd.models.memory import estimate, pinned_problem
+from mlxd.models.registry import Router, model_table
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = 'path = "bundled:SmolLM2-135M-Instruct"'
+
+TWO = f"""
+[models.small]
+{BUNDLED}
+dtype = "keep"
+aliases = ["gpt-4o", "gpt-5*"]
+
+[models.big]
+{BUNDLED}
+dtype = "float32"
+aliases = ["claude-*"]
+"""
+
+
+def settings_from(tmp_path: Path, text: str) -> Settings:
+    path = tmp_path / "mlxd.toml"
+    path.write_text(text)
+    return load_settings(path)
+
+
+def test_models_tables_route_by_id_exact_alias_and_glob(tmp_path: Path) -> None:
+    """The table name is the id; exact aliases and globs reach their entry; empty -> first."""
+    router = Router.from_settings(settings_from(tmp_path, TWO))
+    assert list(router.entries) == ["small", "big"]
+    assert router.resolve("big").id == "big"
+    assert router.resolve("gpt-4o").id == "small"
+    assert router.resolve("gpt-5-codex").id == "small"
+    assert router.resolve("claude-sonnet-4-5").id == "big"
+    assert router.resolve(None).id == "small"
+    assert router.resolve("").id == "small"
+
+
+def test_unknown_name_is_model_not_found_listing_ids(tmp_path: Path) -> None:
+    router = Router.from_settings(settings_from(tmp_path, TWO))
+    with pytest.raises(NotFound) as err:
+        router.resolve("llama-9000")
+    assert err.value.code == "model_not_found"
+    assert err.value.status == 404
+    assert "small" in err.value.message and "big" in err.value.message
+
+
+def test_fallback_and_default_are_configurable(tmp_path: Path) -> None:
+    s = settings_from(tmp_path, TWO + '\n[routing]\ndefault = "big"\nfallback = "small"\n')
+    router = Router.from_settings(s)
+    assert router.resolve(None).id == "big"
+    assert router.resolve("anything-else").id == "small"
+
+
+def test_legacy_model_section_is_a_one_entry_table_answering_every_name(tmp_path: Path) -> None:
+    """Configs written before [models] keep working: same id, every name reaches the model."""
+    s = settings_from(tmp_path, f"[model]\n{BUNDLED}\ntemperature = 0.2\n")
+    table = model_table(s)
+    assert list(table) == ["SmolLM2-135M-Instruct"]
+    assert table["SmolLM2-135M-Instruct"].temperature == 0.2
+    router = Router.from_settings(s)
+    assert router.resolve("m").id == "SmolLM2-135M-Instruct"
+    named = settings_from(tmp_path, f'[model]\n{BUNDLED}\nid = "mine"\n')
+    assert list(model_table(named)) == ["mine"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (TWO.replace('"claude-*"', '"gpt-4o"'), "'gpt-4o'"),  # exact alias twice
+        (TWO.replace('"claude-*"', '"gpt-*"'), "'gpt-*'"),  # overlapping globs
+        (TWO.replace('"claude-*"', '"sm*"'), "'sm*'"),  # glob matching another id
+        (TWO + f"\n[model]\n{BUNDLED}\n", "[model] and [models.<id>] are both given"),
+        (TWO + '\n[routing]\ndefault = "nope"\n', "routing.default = 'nope'"),
+        (TWO.replace("[models.big]", "[models.big]\nid = 'other'"), "the table name is the id"),
+        (TWO.replace('dtype = "float32"', 'dtype = "float32"\nkeepalive = 3'), "keepalive"),
+        ("[models]\nsmall = 3\n", "one table per model"),
+    ],
+)
+def test_bad_tables_are_config_errors(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from(tmp_path, text)
+    assert needle in str(err.value)
+
+
+def test_estimate_counts_weights_in_the_served_dtype_and_kv_for_batch_and_context(
+    tmp_path: Path,
+) -> None:
+    """float32 weights are ~4 bytes per element (the GGUF stores ~5 bits); KV scales with
+    max_batch_size x context_length."""
+    s = settings_from(tmp_path, TWO + "\n[engine]\nmax_batch_size = 2\n")
+    table = model_table(s)
+    small = estimate(table["small"], s.engine, "cpu")
+    big = estimate(table["big"], s.engine, "cpu")
+    assert small is not None and big is not None
+    assert big.weights_bytes > 4 * small.weights_bytes
+    short = table["big"].model_copy(update={"context_length": 1024})
+    est_short = estimate(short, s.engine, "cpu")
+    assert est_short is not None and est_short.kv_bytes * 8 == big.kv_bytes
+
+
+def test_pinned_model_larger_than_budget_is_a_problem(tmp_path: Path) -> None:
+    s = settings_from(tmp_path, TWO.replace('dtype = "keep"', 'dtype = "keep"\npinned = true') + "")
+    assert pinned_problem(s, "cpu", "cpu") is None
+    tight = settings_from(
+        tmp_path,
+        TWO.replace('dtype = "keep"', 'dtype = "keep"\npinned = true')
+        + "\n[engine]\nmemory_budget_bytes = 10000000\n",
+    )
+    problem = pinned_problem(tight, "cpu", "cpu")
+    assert problem is not None and "models.small" in problem and "Hint:" in problem
+
+
+def test_check_config_exits_78_for_pinned_over_budget_and_shows_the_table(tmp_path: Path) -> None:
+    """check-config prints the effective table and memory plan; a pinned model that cannot fit
+    is exit 78 with a hint."""
+    path = tmp_path / "mlxd.toml"
+    path.write_text(TWO)
+    ok = _mlxd("check-config", "--config", str(path))
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert list(out["settings"]["models"]) == ["small", "big"]
+    assert out["memory"]["models"]["big"]["weights_bytes"] > 0
+    path.write_text(
+        TWO.replace('dtype = "keep"', 'dtype = "keep"\npinned = true')
+        + "\n[engine]\nmemory_budget_bytes = 10000000\n"
+    )
+    bad = _mlxd("check-config", "--config", str(path))
+    assert bad.returncode == 78
+    assert "pinned" in bad.stderr and "Hint:" in bad.stderr
+
+
+def _mlxd(*args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mlxd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
