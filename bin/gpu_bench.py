@@ -20,21 +20,22 @@
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
+
+# The one daemon harness and streaming client, shared with bin/bench and the e2e tests.
+from mlxd.bench.client import stream_chat  # noqa: E402
+from mlxd.bench.harness import Daemon  # noqa: E402
+from mlxd.bench.workload import prefill_text, tagged  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -86,80 +87,16 @@ def _count(cache: Path) -> int:
     return len(list(cache.glob("*.ptx"))) if cache.is_dir() else 0
 
 
-# -- a minimal streaming client (stdlib), independent of mlxd.bench's internals ----------------
-@dataclass
-class Stream:
-    ttft: float
-    completion_tokens: int
-    prompt_tokens: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def health(port: int) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
-
-
-def tagged(tag: str, text: str) -> str:
-    return f"[{tag}] {text}"
-
-
-def prefill_text(tokens: int) -> str:
-    """About ``tokens`` tokens of distinct sentences (SmolLM2 tokenizer: ~17 per sentence)."""
-    return " ".join(f"In room {i} the fox ate {i % 7} apples and slept." for i in
-                    range(max(1, tokens // 17))) + "\n\nWhat did the fox eat in room 3?"
-
-
-def stream_chat(port: int, messages: list[dict[str, str]], max_tokens: int, timeout: float,
-                **extra: Any) -> Stream:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}
-    body = {k: v for k, v in body.items() if v is not None}  # None: the server's default
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.connect()
-    start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                 {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    first = None
-    usage: dict[str, Any] = {}
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data:") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[5:])
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        if first is None and chunk.get("choices"):
-            first = time.perf_counter() - start
-    conn.close()
-    return Stream(first or 0.0, int(usage.get("completion_tokens", 0)),
-                  int(usage.get("prompt_tokens", 0)))
-
-
 def probe(args: argparse.Namespace) -> None:
-    port = free_port()
     state = Path(args.state)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    env |= {"MLXD_MODEL__PATH": args.model, "MLXD_SERVER__PORT": str(port),
-            "MLXD_SERVER__HOST": "127.0.0.1", "MLXD_SERVER__STATE_DIR": str(state),
-            "MLXD_LOGGING__FORMAT": "json", "PYTHONUNBUFFERED": "1"}
-    log = open(args.log, "wb")  # noqa: SIM115
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "mlxd", "--config", args.config], env=env,
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon.start(
+        Path(args.config),
+        state_dir=state,
+        log=Path(args.log),
+        env={"MLXD_MODEL__PATH": args.model, "MLXD_SERVER__HOST": "127.0.0.1"},
+        cwd=ROOT,
+    )
     cache = _kernel_dir(state)
 
     def _kernels() -> int:
@@ -169,18 +106,7 @@ def probe(args: argparse.Namespace) -> None:
                            "MLX_CUDA_USE_CUDNN_SDPA": os.environ.get("MLX_CUDA_USE_CUDNN_SDPA"),
                            "kernels_at_start": _kernels()}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"mlxd exited with {proc.returncode}; see {args.log}")
-            try:
-                status, body = health(port)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > args.timeout:
-                raise SystemExit("mlxd not ready in time")
-            time.sleep(0.2)
+        body = daemon.wait_ready(args.timeout)
         out["seconds_to_ready"] = round(time.monotonic() - t0, 2)
         out["health_backend"] = body.get("backend")
         out["kernels_at_ready"] = _kernels()
@@ -192,7 +118,7 @@ def probe(args: argparse.Namespace) -> None:
         seq = []
         for i in range(10):
             msg = [{"role": "user", "content": tagged(f"probe {i}", "Say hello.")}]
-            r = stream_chat(port, msg, 16, 600)
+            r = stream_chat(daemon, msg, 16, 600)
             seq.append(round(r.ttft * 1000, 1))
         out["sequential_ttft_ms"] = seq
         out["first_over_tenth"] = round(seq[0] / seq[9], 2)
@@ -204,7 +130,7 @@ def probe(args: argparse.Namespace) -> None:
         new_temp = []
         for i, temp in enumerate((0.33, 0.47)):
             msg = [{"role": "user", "content": tagged(f"probes {i}", "Say hello.")}]
-            r = stream_chat(port, msg, 16, 600, temperature=temp)
+            r = stream_chat(daemon, msg, 16, 600, temperature=temp)
             new_temp.append({"temperature": temp, "ttft_ms": round(r.ttft * 1000, 1),
                              "prompt_tokens": r.prompt_tokens})
         out["new_temperature"] = {
@@ -219,7 +145,7 @@ def probe(args: argparse.Namespace) -> None:
 
         def one(i: int) -> None:
             msg = [{"role": "user", "content": tagged(f"burst {i}", "Write a long story.")}]
-            res[i] = stream_chat(port, msg, 64, 600)
+            res[i] = stream_chat(daemon, msg, 64, 600)
 
         start = time.perf_counter()
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -236,7 +162,7 @@ def probe(args: argparse.Namespace) -> None:
         for i in range(2):
             doc = prefill_text(args.long_tokens)
             msg = [{"role": "user", "content": tagged(f"long {i}", doc)}]
-            r = stream_chat(port, msg, 8, 600)
+            r = stream_chat(daemon, msg, 8, 600)
             longs.append({"prompt_tokens": r.prompt_tokens, "ttft_ms": round(r.ttft * 1000, 1)})
         out["long_prompt"] = longs
         out["kernels_after_long"] = _kernels()
@@ -244,17 +170,12 @@ def probe(args: argparse.Namespace) -> None:
         samp = []
         for i, temp in enumerate((None, None, 0.9, 0.9)):
             msg = [{"role": "user", "content": f"[temp {i}] Say hi."}]
-            r = stream_chat(port, msg, 8, 600, temperature=temp)
+            r = stream_chat(daemon, msg, 8, 600, temperature=temp)
             samp.append(round(r.ttft * 1000, 1))
         out["sampling_ttft_ms"] = {"default x2": samp[:2], "temperature 0.9 x2": samp[2:]}
         out["kernels_after_sampling"] = _kernels()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        daemon.stop(timeout=30)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out))
 

@@ -9,21 +9,16 @@ tiers never start one.
 ``shared_daemon`` is one daemon for the whole session (tests that only read from it);
 ``start_daemon`` starts a private one for tests that change config, send signals or kill it.
 Every daemon gets its own free port and temporary state directory, so tests never touch the
-user's real state and never collide.
+user's real state and never collide. Starting, waiting for ``/health`` and stopping are
+``mlxd.bench.harness`` (the one daemon harness, shared with ``bin/bench`` and
+``bin/gpu_bench.py``); this file adds the SDK clients and the fixtures.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +28,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlxd.backend import preload_blas
+from mlxd.bench import harness
+from mlxd.bench.harness import free_port
 
 # In-process tests load models too: choose the BLAS before any test module imports mlx.
 preload_blas()
 
 ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 90.0
 
 
 def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
@@ -63,31 +59,16 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    """A running ``python -m mlxd`` with its port, files and process."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    state_dir: Path
-    config_path: Path
-    env: dict[str, str]
-    stderr_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
+class Daemon(harness.Daemon):
+    """A running ``python -m mlxd`` (see :class:`mlxd.bench.harness.Daemon`) with clients."""
 
     @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def stderr_path(self) -> Path:
+        """Where the daemon's stdout and stderr go."""
+        return self.log
 
-    @property
-    def log_path(self) -> Path:
-        return self.state_dir / "logs" / "mlxd.log"
+    def stderr_tail(self, n: int = 4000) -> str:
+        return self.log_tail(n)
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("api_key", "unused")
@@ -99,44 +80,8 @@ class Daemon:
         kwargs.setdefault("timeout", 30.0)
         return httpx.Client(base_url=self.base_url, **kwargs)
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"daemon exited with {self.process.returncode}: {self.stderr_tail()}"
-                )
-            try:
-                resp = httpx.get(f"{self.base_url}/health", timeout=2.0)
-                last = resp.json()
-                if resp.status_code == 200:
-                    return dict(last)
-            except (httpx.HTTPError, json.JSONDecodeError) as exc:
-                last = exc
-            time.sleep(0.2)
-        raise TimeoutError(f"daemon not ready after {timeout}s: {last}; {self.stderr_tail()}")
-
-    def stderr_tail(self, n: int = 4000) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def log_events(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        return [json.loads(ln) for ln in self.log_path.read_text().splitlines() if ln.strip()]
-
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return int(self.process.returncode)
+        return int(super().stop(sig, timeout) or 0)
 
 
 def spawn_daemon(
@@ -147,34 +92,27 @@ def spawn_daemon(
     args: list[str] | None = None,
     port: int | None = None,
     state_dir: Path | None = None,
+    pin_port: bool = True,
+    command: list[str] | None = None,
 ) -> Daemon:
-    """Start ``python -m mlxd`` with a config file in ``tmp``; does not wait for ready."""
+    """Start ``python -m mlxd`` (or ``command``) with a config file in ``tmp``; does not wait
+    for ready. ``pin_port=False``: the port comes from the config file."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    state_dir = state_dir or tmp / "state"
     config_path = tmp / "mlxd.toml"
     if not config_path.exists() or config:
         config_path.write_text(config)
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    full_env.update(
-        {
-            "MLXD_SERVER__PORT": str(port),
-            "MLXD_SERVER__STATE_DIR": str(state_dir),
-            "MLXD_LOGGING__FORMAT": "json",
-            "PYTHONUNBUFFERED": "1",
-        }
+    return Daemon.start(
+        config_path,
+        state_dir=state_dir or tmp / "state",
+        log=tmp / f"stderr-{port}.log",
+        port=port,
+        pin_port=pin_port,
+        env=env,
+        args=args or (),
+        command=command,
+        cwd=ROOT,
     )
-    full_env.update(env or {})
-    stderr_path = tmp / f"stderr-{port}.log"
-    with stderr_path.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlxd", "--config", str(config_path), *(args or [])],
-            cwd=ROOT,
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    return Daemon(process, port, state_dir, config_path, full_env, stderr_path)
 
 
 @pytest.fixture

@@ -25,7 +25,16 @@ def test_bin_mlxd_serves_the_bundled_model(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    d = Daemon(proc, port, tmp_path / "state", config, env, stderr)
+    d = Daemon(
+        name="bin/mlxd",
+        port=port,
+        process=proc,
+        log=stderr,
+        command=proc.args,
+        state_dir=tmp_path / "state",
+        config_path=config,
+        env=env,
+    )
     try:
         health = d.wait_ready(timeout=180)
         assert health["model"]["id"] == "SmolLM2-135M-Instruct"

@@ -17,7 +17,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import ROOT, Daemon, free_port
+from conftest import ROOT, Daemon, free_port, spawn_daemon
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
@@ -215,26 +215,7 @@ def file_port_daemon(tmp_path: Path) -> Iterator[Callable[[str, int], Daemon]]:
     started: list[Daemon] = []
 
     def start(config: str, port: int) -> Daemon:
-        config_path = tmp_path / "mlxd.toml"
-        config_path.write_text(config)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-        env.update(
-            {
-                "MLXD_SERVER__STATE_DIR": str(tmp_path / "state"),
-                "MLXD_LOGGING__FORMAT": "json",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        stderr_path = tmp_path / "stderr.log"
-        with stderr_path.open("wb") as err:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "mlxd", "--config", str(config_path)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        d = Daemon(process, port, tmp_path / "state", config_path, env, stderr_path)
+        d = spawn_daemon(tmp_path, config, port=port, pin_port=False)
         started.append(d)
         return d
 

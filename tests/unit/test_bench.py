@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.bench import INPROCESS, MLXD, REFERENCE, Results, _sse, format_table, prefill_text
+from mlxd.bench.client import sse_frames
+from mlxd.bench.results import INPROCESS, MLXD, REFERENCE, Results, format_table
+from mlxd.bench.workload import prefill_text
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = [sys.executable, "-m", "mlxd.bench"]
@@ -24,13 +26,13 @@ def _env() -> dict[str, str]:
 
 
 class _Lines(io.BytesIO):
-    """An in-memory HTTP body: ``_sse`` only needs ``readline``."""
+    """An in-memory HTTP body: ``sse_frames`` only needs ``readline``."""
 
 
 def test_sse_parser_skips_comments_and_keeps_event_names() -> None:
     """SSE frames come out as (event, data); keepalive comments and blank lines are skipped."""
     body = b': keepalive\n\nevent: response.created\ndata: {"a": 1}\n\ndata: [DONE]\n\n'
-    assert list(_sse(_Lines(body))) == [("response.created", '{"a": 1}'), (None, "[DONE]")]
+    assert list(sse_frames(_Lines(body))) == [("response.created", '{"a": 1}'), (None, "[DONE]")]
 
 
 def test_ratios_pair_measurements_with_equal_parameters() -> None:

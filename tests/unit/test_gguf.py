@@ -31,6 +31,8 @@ from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
 from mlxd.errors import ModelLoadError, UnsupportedModelError  # noqa: E402
 from mlxd.models import gguf  # noqa: E402
+from mlxd.models.gguf import export as gguf_export  # noqa: E402
+from mlxd.models.gguf import weights as gguf_weights  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # Raw (untemplated) prompt for the export comparisons: short, so prefill stays cheap.
@@ -223,7 +225,7 @@ def test_dequantize_matches_mlx(bits: int) -> None:
     """The float32 dequantizer agrees with mx.dequantize (up to its float16 rounding)."""
     w = mx.random.normal((64, 128), key=mx.random.key(bits))
     packed, scales, biases = mx.quantize(w, group_size=32, bits=bits)
-    ours = gguf._dequantize(packed, scales, biases, bits, mx.float32)
+    ours = gguf_weights.dequantize_affine(packed, scales, biases, bits, mx.float32)
     theirs = mx.dequantize(packed, scales, biases, group_size=32, bits=bits)
     assert ours.dtype == mx.float32
     assert ours.shape == w.shape
@@ -238,7 +240,7 @@ def test_unpermute_inverts_the_gguf_converter() -> None:
     permuted = (
         original.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(original.shape)
     )
-    assert mx.array_equal(gguf._unpermute(permuted, n_heads), original).item()
+    assert mx.array_equal(gguf_weights.unpermute(permuted, n_heads), original).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_export_replaces_existing_dir_and_cleans_up_on_failure(
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(gguf, "_write_json", broken)
+        patch.setattr(gguf_export, "_write_json", broken)
         with pytest.raises(OSError, match="disk full"):
             gguf.export_mlx_dir(source, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]

@@ -1,0 +1,225 @@
+"""The suites (scenarios) the bench runs against every started server.
+
+A new scenario is a method of :class:`Bench` plus an entry in :data:`SUITES` (its name is
+then accepted by ``--skip``). Servers are interleaved repeat by repeat, so background load
+hits both alike, and every request body is the same for both sides.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .client import BenchError, HttpStatusError, StreamResult, stream_chat, stream_response
+from .harness import Server
+from .results import Results, median_int
+from .workload import FOLLOW_UPS, LONG_PROMPTS, Workload, prefill_text, tagged
+
+
+@dataclass
+class Bench:
+    """Runs the suites against the started servers, interleaving them repeat by repeat."""
+
+    servers: list[Server]
+    work: Workload
+    results: Results
+    timeout: float
+
+    def log(self, msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    def warmup(self) -> None:
+        # mlx_lm.server loads its model on the first request; both get the same warm-up.
+        for s in self.servers:
+            for i in range(self.work.warmups):
+                msg = [{"role": "user", "content": f"[warmup {i}] Say hello."}]
+                stream_chat(s, msg, 4, self.timeout)
+
+    def single_stream(self) -> None:
+        w = self.work
+        self.log(f"single stream: max_tokens={w.max_tokens}, {w.repeats} repeats")
+        runs: dict[str, list[StreamResult]] = {s.name: [] for s in self.servers}
+        for r in range(w.repeats):
+            msg = [{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}]
+            for s in self.servers:
+                runs[s.name].append(stream_chat(s, msg, w.max_tokens, self.timeout))
+        for name, rs in runs.items():
+            params = _stream_params(rs, max_tokens=w.max_tokens)
+            self.results.measurement(name, "ttft_ms", "ms", [x.ttft * 1000 for x in rs], **params)
+            self.results.measurement(
+                name,
+                "decode_tokens_per_s",
+                "tokens/s",
+                [x.decode_tokens_per_s for x in rs],
+                **params,
+            )
+
+    def prefill(self) -> None:
+        w = self.work
+        self.log(f"prefill: ~{w.prefill_tokens}-token prompt, {w.repeats} repeats")
+        runs: dict[str, list[StreamResult]] = {s.name: [] for s in self.servers}
+        doc = prefill_text(w.prefill_tokens)
+        for r in range(w.repeats):
+            msg = [{"role": "user", "content": tagged(f"prefill {r}", doc)}]
+            for s in self.servers:
+                runs[s.name].append(stream_chat(s, msg, 1, self.timeout))
+        for name, rs in runs.items():
+            self.results.measurement(
+                name,
+                "prefill_tokens_per_s",
+                "tokens/s",
+                [x.prompt_tokens / x.ttft for x in rs],
+                **_stream_params(rs, max_tokens=1),
+            )
+
+    def concurrency(self) -> None:
+        w = self.work
+        for c in w.concurrency:
+            self.log(f"concurrency {c}: max_tokens={w.max_tokens}, {w.repeats} repeats")
+            agg: dict[str, list[float]] = {s.name: [] for s in self.servers}
+            worst: dict[str, list[float]] = {s.name: [] for s in self.servers}
+            tokens: dict[str, list[int]] = {s.name: [] for s in self.servers}
+            for r in range(w.repeats):
+                for s in self.servers:
+                    rs = self._concurrent(s, c, r)
+                    start = min(x.started_at for x in rs)
+                    end = max(x.started_at + x.end for x in rs)
+                    total = sum(x.completion_tokens for x in rs)
+                    agg[s.name].append(total / (end - start))
+                    worst[s.name].append(max(x.ttft for x in rs) * 1000)
+                    tokens[s.name].append(total)
+            for s in self.servers:
+                params = {
+                    "concurrency": c,
+                    "max_tokens": w.max_tokens,
+                    "completion_tokens": median_int(tokens[s.name]),
+                }
+                self.results.measurement(
+                    s.name, "aggregate_tokens_per_s", "tokens/s", agg[s.name], **params
+                )
+                self.results.measurement(s.name, "worst_ttft_ms", "ms", worst[s.name], **params)
+
+    def _concurrent(self, s: Server, c: int, repeat: int) -> list[StreamResult]:
+        barrier = threading.Barrier(c)
+        out: list[StreamResult | BaseException | None] = [None] * c
+
+        def one(i: int) -> None:
+            text = tagged(f"c{c} {repeat}.{i}", LONG_PROMPTS[i % len(LONG_PROMPTS)])
+            try:
+                barrier.wait(30)
+                out[i] = stream_chat(
+                    s,
+                    [{"role": "user", "content": text}],
+                    self.work.max_tokens,
+                    self.timeout,
+                )
+            except BaseException as exc:  # reported below, in the main thread
+                out[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.timeout + 60)
+        for item in out:
+            if isinstance(item, BaseException):
+                raise BenchError(f"{s.name}, {c} concurrent streams: {item}") from item
+            if item is None:
+                raise BenchError(f"{s.name}, {c} concurrent streams: a stream did not finish")
+        return [x for x in out if isinstance(x, StreamResult)]
+
+    def turns(self) -> None:
+        """The growing conversation: Chat Completions on every side, then Responses on mlxd
+        (the first server; mlx_lm.server has no ``/v1/responses``)."""
+        self.chat_turns()
+        self.responses_turns(self.servers[0])
+
+    def chat_turns(self) -> None:
+        w = self.work
+        self.log(f"conversation (chat): {w.turns} turns, {w.repeats} repeats")
+        ttft: dict[str, list[list[float]]] = {
+            s.name: [[] for _ in range(w.turns)] for s in self.servers
+        }
+        meta: dict[str, list[list[StreamResult]]] = {
+            s.name: [[] for _ in range(w.turns)] for s in self.servers
+        }
+        for r in range(w.repeats):
+            for s in self.servers:
+                history: list[dict[str, str]] = []
+                for k in range(w.turns):
+                    text = FOLLOW_UPS[k] if k else tagged(f"chat {r}", FOLLOW_UPS[0])
+                    history.append({"role": "user", "content": text})
+                    res = stream_chat(s, history, w.turn_max_tokens, self.timeout)
+                    history.append({"role": "assistant", "content": res.text})
+                    ttft[s.name][k].append(res.ttft * 1000)
+                    meta[s.name][k].append(res)
+        for s in self.servers:
+            for k in range(w.turns):
+                self.results.measurement(
+                    s.name,
+                    "turn_ttft_ms",
+                    "ms",
+                    ttft[s.name][k],
+                    mode="chat",
+                    turn=k + 1,
+                    **_stream_params(meta[s.name][k], max_tokens=w.turn_max_tokens),
+                )
+
+    def responses_turns(self, server: Server) -> None:
+        w = self.work
+        self.log(f"conversation (responses, mlxd only): {w.turns} turns, {w.repeats} repeats")
+        ttft: list[list[float]] = [[] for _ in range(w.turns)]
+        meta: list[list[StreamResult]] = [[] for _ in range(w.turns)]
+        for r in range(w.repeats):
+            previous: str | None = None
+            for k in range(w.turns):
+                text = FOLLOW_UPS[k] if k else tagged(f"responses {r}", FOLLOW_UPS[0])
+                try:
+                    res = stream_response(server, text, previous, w.turn_max_tokens, self.timeout)
+                except HttpStatusError as exc:
+                    if exc.status in (404, 405) and r == 0 and k == 0:
+                        self.results.skip(
+                            server.name,
+                            "turn_ttft_ms",
+                            f"POST /v1/responses is not available ({exc})",
+                            mode="responses",
+                        )
+                        return
+                    raise
+                previous = res.response_id
+                ttft[k].append(res.ttft * 1000)
+                meta[k].append(res)
+        for k in range(w.turns):
+            self.results.measurement(
+                server.name,
+                "turn_ttft_ms",
+                "ms",
+                ttft[k],
+                mode="responses",
+                turn=k + 1,
+                **_stream_params(meta[k], max_tokens=w.turn_max_tokens),
+            )
+
+
+def _stream_params(rs: list[StreamResult], **extra: Any) -> dict[str, Any]:
+    cached = [x.cached_tokens for x in rs if x.cached_tokens is not None]
+    params = {
+        **extra,
+        "prompt_tokens": median_int([x.prompt_tokens for x in rs]),
+        "completion_tokens": median_int([x.completion_tokens for x in rs]),
+    }
+    if cached:
+        params["cached_tokens"] = median_int(cached)
+    return params
+
+
+#: The suites in the order they run; ``--skip NAME`` leaves one out.
+SUITES: dict[str, Callable[[Bench], None]] = {
+    "single": Bench.single_stream,
+    "prefill": Bench.prefill,
+    "concurrency": Bench.concurrency,
+    "turns": Bench.turns,
+}
