@@ -1,4 +1,8 @@
-"""The small exception tree of mlxd, mapped to OpenAI error JSON in one place (api.errors).
+"""The small exception tree of mlxd, mapped to each API's error JSON in one place.
+
+``MlxdError.body()`` is the OpenAI shape; ``MlxdError.anthropic()`` the Anthropic Messages
+shape and status (``/v1/messages`` routes answer only in that shape). The app's error boundary
+(:mod:`mlxd.api.app`) picks one by route.
 
 MlxdError                      base; carries status, type, code, param
 ├── BadRequest                 400 invalid_request_error
@@ -51,6 +55,29 @@ class MlxdError(Exception):
                 "code": self.code,
             }
         }
+
+    def anthropic(self) -> tuple[int, dict[str, object]]:
+        """Status and body in Anthropic's shape: ``{"type": "error", "error": {type,
+        message}}``. A busy or loading server is 529 ``overloaded_error`` (the Anthropic SDK
+        retries it); a full queue with a count limit is 429 ``rate_limit_error``."""
+        status = self.status
+        kinds = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            403: "permission_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            429: "rate_limit_error",
+            529: "overloaded_error",
+        }
+        if status == 503:
+            status = 529
+        elif 400 <= status < 500 and status not in kinds:
+            status = 400  # 405, 415, ...: Anthropic has no type for them
+        kind = kinds.get(status, "api_error")
+        if kind == "api_error":
+            status = 500
+        return status, {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
 class BadRequest(MlxdError):

@@ -104,8 +104,17 @@ def record() -> RequestRecord:
     return rec
 
 
+#: Routes under this prefix speak Anthropic's Messages API, errors included.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
 def error_response(exc: MlxdError) -> Response:
-    resp = Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json")
+    """The error in the shape of the API the request was for (OpenAI unless Anthropic's)."""
+    if request.path == ANTHROPIC_PREFIX or request.path.startswith(ANTHROPIC_PREFIX + "/"):
+        status, body = exc.anthropic()
+        resp = Response(json.dumps(body), status=status, mimetype="application/json")
+    else:
+        resp = Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json")
     if exc.retry_after is not None:
         resp.headers["Retry-After"] = str(exc.retry_after)
     return resp

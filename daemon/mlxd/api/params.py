@@ -85,6 +85,7 @@ def generation_params(
     repetition_penalty: float | None = None,
     stop: tuple[str, ...] = (),
     max_param: str = "max_tokens",
+    top_k: int | None = None,
     logits_processors: tuple[LogitsProcessor, ...] = (),
 ) -> GenerationParams:
     """Defaults from [model], limits from [server], and the context-length check.
@@ -114,6 +115,7 @@ def generation_params(
         stop=stop,
         seed=seed,
         repetition_penalty=repetition_penalty,
+        top_k=top_k or 0,
         timeout=settings.server.request_timeout_seconds,
         logits_processors=logits_processors,
     )

@@ -32,7 +32,7 @@ from ..engine.core import Delta, Event, Failed, Finished, Job
 from ..engine.loader import LoadedModel
 from ..errors import MlxdError
 from ..logs import get_logger
-from ..prompt import build_prompt
+from ..prompt import Prompt, build_prompt
 from .context import AppState, RequestRecord
 from .params import generation_params
 from .tools import Call, CallArguments, CallStarted, JsonFormat, OutputPlan, Text, plan_output
@@ -51,6 +51,7 @@ class Sampling:
     seed: int | None
     repetition_penalty: float | None
     stop: tuple[str, ...] = ()
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,31 @@ class Generation:
         return self.job.params.max_tokens
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A request's output plan and its prompt, before any limit is checked."""
+
+    plan: OutputPlan
+    prompt: Prompt
+
+
+async def render(
+    lm: LoadedModel,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[Any] | None,
+    tool_choice: Any,
+    parallel: bool | None,
+    fmt: JsonFormat | None,
+) -> Rendered:
+    """Plan tools and format and build the prompt (what token counting needs too)."""
+    plan = await asyncio.to_thread(
+        plan_output, lm, tools=tools, choice=tool_choice, parallel=parallel, fmt=fmt
+    )
+    prompt = await asyncio.to_thread(build_prompt, lm, plan.prepare(messages), plan.template_tools)
+    return Rendered(plan, prompt)
+
+
 async def start(
     st: AppState,
     rec: RequestRecord,
@@ -104,16 +130,18 @@ async def start(
     parallel: bool | None,
     fmt: JsonFormat | None,
     sampling: Sampling,
+    reasoning: str | None = None,
 ) -> Generation:
     """Plan tools and format, build the prompt, check limits, and submit the job.
 
-    Raises API errors (400 for bad tools/schemas/context length, 503 when the queue is
-    full) before anything is generated.
+    ``reasoning`` overrides ``[model] reasoning`` for this request (an API that lets the
+    client turn thinking on or off). Raises API errors (400 for bad tools/schemas/context
+    length, 503 when the queue is full) before anything is generated.
     """
-    plan = await asyncio.to_thread(
-        plan_output, lm, tools=tools, choice=tool_choice, parallel=parallel, fmt=fmt
+    rendered = await render(
+        lm, messages, tools=tools, tool_choice=tool_choice, parallel=parallel, fmt=fmt
     )
-    prompt = await asyncio.to_thread(build_prompt, lm, plan.prepare(messages), plan.template_tools)
+    plan, prompt = rendered.plan, rendered.prompt
     params = generation_params(
         st.settings,
         lm,
@@ -125,13 +153,14 @@ async def start(
         seed=sampling.seed,
         repetition_penalty=sampling.repetition_penalty,
         stop=sampling.stop,
+        top_k=sampling.top_k,
         logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
     )
     job = Job(
         model=lm,
         prompt=prompt.ids,
         params=params,
-        reasoning_mode=st.settings.model.reasoning,
+        reasoning_mode=reasoning or st.settings.model.reasoning,
         in_think=prompt.in_think,
         loop=asyncio.get_running_loop(),
     )

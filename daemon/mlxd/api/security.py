@@ -20,7 +20,10 @@ from ..errors import Forbidden, Unauthorized
 from .context import AppState
 
 _OPEN_PATHS = frozenset({"/health", "/metrics"})
-_CORS_HEADERS = "Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project"
+_CORS_HEADERS = (
+    "Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project, "
+    "x-api-key, anthropic-version, anthropic-beta"
+)
 
 
 def _host_name(host_header: str) -> str:
@@ -71,11 +74,16 @@ async def check(st: AppState) -> Response | None:
         return Response("", status=204)
     if request.path in _OPEN_PATHS or not st.api_keys:
         return None
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    # Anthropic clients send the key as x-api-key; OpenAI clients as a Bearer token.
+    token = request.headers.get("x-api-key", "")
+    if not token.strip():
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = ""
+    if not token.strip():
         raise Unauthorized(
-            "missing API key: send 'Authorization: Bearer <key>' (see [security] in mlxd.toml)"
+            "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>' "
+            "(see [security] in mlxd.toml)"
         )
     if not _key_ok(st, token.strip()):
         raise Unauthorized("incorrect API key provided")

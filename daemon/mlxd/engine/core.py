@@ -55,6 +55,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     repetition_penalty: float | None = None
+    top_k: int = 0  # 0: off
     timeout: float = 600.0
     logits_processors: tuple[LogitsProcessor, ...] = ()
 
@@ -73,6 +74,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
 
 
 @dataclass(frozen=True)
@@ -412,7 +414,7 @@ class Engine:
         if p.temperature == 0:
             sampler = self._greedy
         else:
-            sampler = make_sampler(p.temperature, p.top_p, p.seed)
+            sampler = make_sampler(p.temperature, p.top_p, p.seed, p.top_k)
         processors = list(p.logits_processors)
         if p.repetition_penalty and p.repetition_penalty != 1.0:
             processors += make_logits_processors(repetition_penalty=p.repetition_penalty)
@@ -502,6 +504,7 @@ class Engine:
                 prompt_tokens=len(job.prompt),
                 completion_tokens=job.completion_tokens,
                 cached_tokens=job.cached_tokens,
+                stop_sequence=job.text.matched if job.text is not None else None,
             )
         )
 
@@ -524,16 +527,20 @@ class Engine:
         self.state = "stopped"
 
 
-def make_sampler(temperature: float, top_p: float, seed: int | None = None) -> Callable[[Any], Any]:
+def make_sampler(
+    temperature: float, top_p: float, seed: int | None = None, top_k: int = 0
+) -> Callable[[Any], Any]:
     """A temperature/top-p sampler whose parameters are MLX arrays, not Python floats.
 
     mlx-lm's sampling functions are ``mx.compile``d; a float argument is baked into the
     compiled kernel, so every new temperature would compile again (about 2 s on CUDA). As
     arrays, one compiled kernel serves every value. With a seed the sampler keeps its own PRNG
-    key, so the seed reproduces a request even inside a batch.
+    key, so the seed reproduces a request even inside a batch. ``top_k`` (0: off; a value
+    at or above the vocabulary size is off too) is an integer of the compiled function, so
+    each distinct value compiles once.
     """
     import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_p, categorical_sampling
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p, categorical_sampling
 
     temp = mx.array(temperature, dtype=mx.float32)
     nucleus = mx.array(top_p, dtype=mx.float32)
@@ -541,6 +548,8 @@ def make_sampler(temperature: float, top_p: float, seed: int | None = None) -> C
     state = {"key": mx.random.key(seed)} if seed is not None else None
 
     def sample(logprobs: Any) -> Any:
+        if 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
         if use_top_p:
             logprobs = apply_top_p(logprobs, nucleus)
         if state is None:

@@ -47,6 +47,7 @@ class TextFilter:
         self._pending = ""  # text not yet classified (could be a tag or a stop prefix)
         self._stopped = False
         self._after_think = False
+        self.matched: str | None = None  # the stop string that ended the content, if one did
 
     @property
     def stopped(self) -> bool:
@@ -87,11 +88,11 @@ class TextFilter:
                     break
                 self._after_think = False
             # Content mode: look for the earliest of a stop string or an opening tag.
-            cut, kind = len(self._pending), ""
+            cut, kind, hit = len(self._pending), "", ""
             for s in self._stop:
                 i = self._pending.find(s)
                 if 0 <= i < cut:
-                    cut, kind = i, "stop"
+                    cut, kind, hit = i, "stop", s
             if self._mode != "inline":
                 i = self._pending.find(THINK_OPEN)
                 if 0 <= i < cut:
@@ -100,6 +101,7 @@ class TextFilter:
                 out.content += self._pending[:cut]
                 self._pending = ""
                 self._stopped = out.stopped = True
+                self.matched = hit
                 break
             if kind == "think":
                 out.content += self._pending[:cut]
