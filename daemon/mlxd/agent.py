@@ -8,10 +8,11 @@
 
 Install, in order: validate the config exactly as the service will read it (no ``MLXD_*``
 variables from this shell; exit 78 and write nothing when it is invalid), render the
-template from ``launchd/``, validate the result, write it atomically, (re)load it with the
-service manager, wait for ``GET /health`` to answer 200, and print the endpoint, the config
-path and the log path. Reinstalling is safe: the running service is stopped first, and the
-rendered file is the same for the same inputs.
+template (``launchd/`` in a checkout, packaged with mlxd when installed), validate the
+result, write it atomically, (re)load it with the service manager, wait for ``GET /health``
+to answer 200, and print the endpoint, the config path and the log path. Reinstalling is
+safe: the running service is stopped first, and the rendered file is the same for the same
+inputs.
 
 The service gets the daemon's shutdown budget (``server.shutdown_timeout_seconds``) plus
 10 s before its manager kills it (launchd ``ExitTimeOut``, systemd ``TimeoutStopSec``).
@@ -39,11 +40,11 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
-from .config import DEFAULT_CONFIG_PATH, EX_CONFIG, PROJECT_ROOT, ConfigError, load_settings
+from .config import CHECKOUT_ROOT, DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load_settings
+from .resources import template_text
 
 LABEL = "io.mlxd.daemon"
 UNIT_NAME = "mlxd.service"
-TEMPLATE_DIR = PROJECT_ROOT / "launchd"
 #: Seconds between launchd (re)starts; model loading takes a while, and this is also what
 #: keeps a config that became invalid (exit 78) from spinning, since launchd has no
 #: per-exit-status rule.
@@ -81,7 +82,7 @@ class AgentError(Exception):
 class ServiceSpec:
     """Everything the service files are rendered from."""
 
-    root: Path
+    root: Path  # the working directory: the checkout, or home for an installed mlxd
     python: Path
     config_path: Path
     stop_timeout: int
@@ -106,8 +107,12 @@ def _without_mlxd_env() -> Iterator[list[str]]:
         os.environ.update(saved)
 
 
-def build_spec(config_path: Path, root: Path = PROJECT_ROOT) -> ServiceSpec:
-    """Validate the config as the service will read it. Raises ConfigError."""
+def build_spec(config_path: Path, root: Path | None = CHECKOUT_ROOT) -> ServiceSpec:
+    """Validate the config as the service will read it. Raises ConfigError.
+
+    From a checkout the service runs the checkout's ``.venv`` in the checkout; an installed
+    mlxd runs with this Python, in the home directory.
+    """
     with _without_mlxd_env() as hidden:
         settings = load_settings(config_path)
         settings.api_keys()  # an unreadable key file would make the service exit 78
@@ -122,8 +127,8 @@ def build_spec(config_path: Path, root: Path = PROJECT_ROOT) -> ServiceSpec:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
     netloc = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
     return ServiceSpec(
-        root=root,
-        python=root / ".venv" / "bin" / "python",
+        root=root if root is not None else Path.home(),
+        python=root / ".venv" / "bin" / "python" if root is not None else Path(sys.executable),
         config_path=config_path,
         stop_timeout=math.ceil(server.shutdown_timeout_seconds) + STOP_MARGIN_SECONDS,
         health_url=f"http://{netloc}/health",
@@ -146,11 +151,11 @@ def launchd_log_dir(home: Path) -> Path:
 
 
 def render_plist(spec: ServiceSpec, home: Path) -> str:
-    """The launch agent property list, from launchd/<label>.plist.in."""
-    template = (TEMPLATE_DIR / f"{LABEL}.plist.in").read_text(encoding="utf-8")
+    """The launch agent property list, from the template <label>.plist.in."""
+    template = template_text(f"{LABEL}.plist.in")
     # launchd gives agents a bare PATH; add the environment and Homebrew's prefixes.
     system = "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-    path = f"{spec.root / '.venv' / 'bin'}:{system}"
+    path = f"{spec.python.parent}:{system}"
     logs = launchd_log_dir(home)
     values = {
         "LABEL": LABEL,
@@ -203,9 +208,9 @@ def _unit_quote(word: str, *, exec_line: bool) -> str:
 
 
 def render_unit(spec: ServiceSpec) -> str:
-    """The systemd user unit, from launchd/mlxd.service.in."""
-    template = (TEMPLATE_DIR / "mlxd.service.in").read_text(encoding="utf-8")
-    path = f"{spec.root / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+    """The systemd user unit, from the template mlxd.service.in."""
+    template = template_text("mlxd.service.in")
+    path = f"{spec.python.parent}:/usr/local/bin:/usr/bin:/bin"
     values = {
         "EXEC_START": " ".join(_unit_quote(a, exec_line=True) for a in spec.argv),
         "ROOT": _unit_quote(str(spec.root), exec_line=False),

@@ -24,11 +24,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .resources import checkout_root, default_config_path
+
 #: Exit status for a configuration error (sysexits.h EX_CONFIG); service units treat it as final.
 EX_CONFIG = 78
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG_PATH = PROJECT_ROOT / "etc" / "mlxd.toml"
+#: The source checkout mlxd runs from (bin/, an editable install), None when installed.
+CHECKOUT_ROOT = checkout_root()
+#: etc/mlxd.toml in a checkout, else the copy inside the installed package (see resources).
+DEFAULT_CONFIG_PATH = default_config_path()
 BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -431,7 +435,8 @@ SECTIONS: dict[str, type[_Section]] = {
 
 
 def config_path_from(arg: str | os.PathLike[str] | None) -> Path | None:
-    """The config file to read: --config, else $MLXD_CONFIG, else etc/mlxd.toml if present."""
+    """The config file to read: --config, else $MLXD_CONFIG, else the default config
+    (etc/mlxd.toml in a checkout, the packaged copy when installed) if present."""
     if arg:
         return Path(arg).expanduser()
     env = os.environ.get("MLXD_CONFIG")

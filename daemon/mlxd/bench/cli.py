@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import BUNDLED_MODEL, PROJECT_ROOT, ConfigError, load_settings
+from ..config import BUNDLED_MODEL, CHECKOUT_ROOT, ConfigError, load_settings
 from .harness import Daemon, HarnessError, Server, child_env, free_port, start_reference, wait_ready
 from .inprocess import inprocess_worker, run_inprocess
 from .results import MLXD, REFERENCE, Results, format_table
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             log=tmp / "mlxd.log",
             port=args.mlxd_port or None,
             env={"MLXD_MODEL__PATH": model, "MLXD_SERVER__HOST": "127.0.0.1"},
-            cwd=PROJECT_ROOT,
+            cwd=CHECKOUT_ROOT,
             isolate=True,
             name=MLXD,
         )
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                 args.reference_port or free_port(),
                 tmp / "reference.log",
                 args.reference_arg,
-                cwd=PROJECT_ROOT,
+                cwd=CHECKOUT_ROOT,
             )
             ref.name = REFERENCE
             ref.info["model_source"] = how

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import PROJECT_ROOT, load_settings
+from ..config import CHECKOUT_ROOT, load_settings
 from .client import BenchError
 from .harness import spawn, terminate
 from .results import INPROCESS, Results, median_int
@@ -104,7 +104,7 @@ def run_inprocess(
         )
     )
     cmd = [sys.executable, "-m", "mlxd.bench", "--inprocess-worker", str(spec), str(out)]
-    proc = spawn(cmd, env, tmp / "inprocess.log", cwd=PROJECT_ROOT, isolate=True)
+    proc = spawn(cmd, env, tmp / "inprocess.log", cwd=CHECKOUT_ROOT, isolate=True)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

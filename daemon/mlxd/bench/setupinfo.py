@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import PROJECT_ROOT
+from ..config import CHECKOUT_ROOT
 from .client import BenchError
 from .harness import Server
 from .results import MLXD, Results
@@ -102,7 +102,7 @@ def reference_model(model: str, config: Path, env: dict[str, str], tmp: Path) ->
     out = tmp / "reference-model"
     cmd = [sys.executable, "-m", "mlxd", "--config", str(config), "export-model", str(out)]
     done = subprocess.run(
-        cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+        cmd, cwd=CHECKOUT_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     if done.returncode != 0:
         raise BenchError(
