@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from .engine.loader import LoadedModel
-from .errors import BadRequest
+from .errors import BadRequest, ContextLengthExceeded
 
 _TEXT_PARTS = {"text", "input_text", "output_text"}
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,39 @@ def build_prompt(
             raise BadRequest(f"the model's chat template rejected these messages: {exc}") from exc
     else:
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
+    _refuse_hopeless(lm, text)
     ids = tokenizer.encode(text, add_special_tokens=False)
     stripped = text.rstrip()
     return Prompt(ids=list(ids), in_think=stripped.endswith("<think>"))
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes one token of ``tokenizer`` can stand for (an upper bound).
+
+    Vocabulary strings are measured as UTF-8; byte-level markers (``Ġ``) and SentencePiece's
+    ``▁`` are longer there than the bytes they decode to, so the bound only errs upward.
+    """
+    known = _TOKEN_BYTES.get(tokenizer)
+    if known is None:
+        inner = getattr(tokenizer, "_tokenizer", None)
+        if inner is None:
+            inner = tokenizer
+        vocab = inner.get_vocab()
+        known = max((len(piece.encode("utf-8", "replace")) for piece in vocab), default=1)
+        _TOKEN_BYTES[tokenizer] = known = max(known, 1)
+    return known
+
+
+def _refuse_hopeless(lm: LoadedModel, text: str) -> None:
+    """A prompt that cannot fit even if every token were the longest one is refused before
+    tokenizing: tokenizing 10 MB takes many seconds to learn what the byte count already says.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    at_least = -(-size // max_token_bytes(lm.tokenizer))
+    if at_least > lm.context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {lm.context_length} tokens. However, your "
+            f"messages resulted in at least {at_least} tokens ({size} bytes of prompt). Please "
+            "reduce the length of the messages.",
+            param="messages",
+        )

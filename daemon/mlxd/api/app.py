@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import BadRequest, MlxdError, PayloadTooLarge
 from ..logs import get_logger
 from ..metrics import Metrics
-from . import chat, messages, models, responses, security
+from . import body, chat, messages, models, responses, security
 from .context import AppState, RequestRecord, error_response, state
 
 log = get_logger("mlxd.api")
@@ -28,8 +28,12 @@ def create_app(app_state: AppState) -> Quart:
     app.extensions["mlxd"] = app_state
     # Streams can run for many minutes: Quart's 60 s RESPONSE_TIMEOUT would cut them silently.
     app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = 120
-    app.config["MAX_CONTENT_LENGTH"] = app_state.settings.server.max_body_bytes
+    # Whole-body deadline: a client that sends part of its body and goes silent gets 408.
+    app.config["BODY_TIMEOUT"] = body.BODY_TIMEOUT_SECONDS
+    # The size limit is enforced by mlxd.api.body, which reads and discards an oversized
+    # body before answering 413; Quart's own limit would answer while the client is still
+    # sending, and the client would see a broken pipe instead of the 413.
+    app.config["MAX_CONTENT_LENGTH"] = None
     if app_state.metrics is None:
         app_state.metrics = Metrics(app_state.engine)
     metrics = app_state.metrics
@@ -38,8 +42,8 @@ def create_app(app_state: AppState) -> Quart:
 
     @app.get("/metrics")
     async def _metrics() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, content_type=content_type)
+        text, content_type = metrics.render()
+        return Response(text, content_type=content_type)
 
     @app.before_request
     async def _begin() -> Response | None:
@@ -55,13 +59,8 @@ def create_app(app_state: AppState) -> Quart:
             route=request.url_rule.rule if request.url_rule is not None else "",
             metrics=st.metrics,
         )
-        app.config["MAX_CONTENT_LENGTH"] = st.settings.server.max_body_bytes
-        length = request.content_length
-        if length is not None and length > st.settings.server.max_body_bytes:
-            raise PayloadTooLarge(
-                f"request body of {length} bytes exceeds server.max_body_bytes "
-                f"({st.settings.server.max_body_bytes})"
-            )
+        body.check_headers()
+        await body.refuse_oversized(st.settings.server.max_body_bytes)
         return await security.check(st)
 
     @app.after_request
@@ -79,6 +78,15 @@ def create_app(app_state: AppState) -> Quart:
         if rec is not None and not rec.streaming:
             rec.finish(response.status_code)
         return response
+
+    @app.teardown_request
+    async def _abandoned(_exc: BaseException | None) -> None:
+        # A client that disconnects cancels the handler: after_request never runs, so the
+        # canonical line is written here (499, nginx's "client closed request").
+        rec: RequestRecord | None = g.get("mlxd_record")
+        if rec is not None and not rec.done and not rec.streaming:
+            rec.error = rec.error or "client_disconnected"
+            rec.finish(499)
 
     @app.errorhandler(MlxdError)
     async def _mlxd_error(exc: MlxdError) -> Response:

@@ -24,6 +24,7 @@ from ..engine.core import Engine
 from ..errors import BadRequest, MlxdError, ModelUnavailable
 from ..logs import get_logger
 from ..metrics import Metrics
+from . import body
 
 log = get_logger("mlxd.api")
 
@@ -121,8 +122,9 @@ def error_response(exc: MlxdError) -> Response:
 
 
 async def json_body() -> dict[str, Any]:
-    """The request's JSON object, or a 400 that says what is wrong with it."""
-    raw = await request.get_data(as_text=False)
+    """The request's JSON object, or a 400 that says what is wrong with it (see mlxd.api.body
+    for the limits on size, nesting and text)."""
+    raw = await body.read_limited(state().settings.server.max_body_bytes)
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
@@ -133,4 +135,5 @@ async def json_body() -> dict[str, Any]:
         raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    body.check_body(data)
     return data

@@ -1,4 +1,16 @@
-"""Request validation shared by both APIs: pydantic models to OpenAI 400s, sampling params."""
+"""Request validation shared by both APIs: pydantic models to OpenAI 400s, sampling params.
+
+Sampling values at the edges of what the engine can compute are settled here, never passed
+through (the sampler works in float32, where 1e-300 is 0 and a division by it is inf):
+
+* ``seed``: any 64-bit integer, signed or unsigned (``-2**63 .. 2**64-1``); negative seeds
+  are mapped into MLX's unsigned range by two's complement (``-1`` is ``2**64-1``). Outside
+  that range: 400.
+* ``temperature`` below :data:`GREEDY_BELOW` is greedy decoding (temperature 0), and so is
+  ``top_p`` below it (only the most likely token survives such a nucleus).
+* ``repetition_penalty`` must lie in ``[0.01, 10]`` (400 otherwise): a penalty near 0
+  divides logits by ~0.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +25,9 @@ from ..errors import BadRequest, ContextLengthExceeded
 
 M = TypeVar("M", bound=BaseModel)
 
+#: Temperatures and top_p values below this decode greedily (see the module docstring).
+GREEDY_BELOW = 1e-6
+
 
 class SamplingFields(BaseModel):
     """Fields both APIs share. Unknown fields are ignored, as OpenAI clients expect."""
@@ -22,9 +37,20 @@ class SamplingFields(BaseModel):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
     stream: bool = False
+
+    @field_validator("seed")
+    @classmethod
+    def _unsigned_seed(cls, v: int | None) -> int | None:
+        return None if v is None else v % 2**64  # -1 -> 2**64-1: MLX keys are uint64
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _tiny_is_greedy(cls, v: float | None) -> float | None:
+        # A temperature/top_p that float32 cannot tell from 0 means "most likely token".
+        return 0.0 if v is not None and v < GREEDY_BELOW else v
 
 
 def parse(model: type[M], body: dict[str, Any]) -> M:
@@ -108,10 +134,14 @@ def generation_params(
             param="messages",
         )
     budget = requested_max if requested_max is not None else settings.model.max_tokens
+    temperature = settings.model.temperature if temperature is None else temperature
+    top_p = settings.model.top_p if top_p is None else top_p
+    if top_p == 0:  # a vanishing nucleus (see _tiny_is_greedy): only the top token
+        temperature, top_p = 0.0, 1.0
     return GenerationParams(
         max_tokens=max(1, min(budget, room)),
-        temperature=settings.model.temperature if temperature is None else temperature,
-        top_p=settings.model.top_p if top_p is None else top_p,
+        temperature=temperature,
+        top_p=top_p,
         stop=stop,
         seed=seed,
         repetition_penalty=repetition_penalty,

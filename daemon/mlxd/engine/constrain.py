@@ -49,6 +49,7 @@ from llguidance import LLMatcher, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from ..errors import BadRequest
+from .schema_finite import has_finite_instance
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -351,6 +352,13 @@ def _tool_call_schema(
 
 
 def _compile(info: TokenizerInfo, schema: dict[str, Any], *, kind: str) -> Grammar:
+    if not has_finite_instance(schema):
+        raise GrammarUnsupported(
+            "the JSON schema has no finite instance: a $ref recursion without a base case "
+            "(every branch requires itself again). Hint: make the recursive property optional "
+            "or add an anyOf branch that ends it.",
+            feature="recursion",
+        )
     try:
         source = LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
     except (ValueError, TypeError) as exc:  # not serializable / not an object
