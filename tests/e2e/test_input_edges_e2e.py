@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any
 
 import httpx2 as httpx
@@ -115,3 +116,27 @@ def test_many_header_lines_get_431(shared_daemon: Daemon) -> None:
     with shared_daemon.http() as http:
         resp = http.get("/v1/models", headers=headers)
     assert resp.status_code == 431
+
+
+def test_abandoned_non_streaming_request_still_logs_request_completed(
+    shared_daemon: Daemon,
+) -> None:
+    """A client that gives up on a non-streaming request leaves its canonical log line
+    (status 499, client_disconnected); it used to leave none."""
+    rid = "req_abandoned_nonstream_1"
+    body = {"messages": MSG, "max_tokens": 2000, "temperature": 1.0}
+    with shared_daemon.http(timeout=1.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": rid})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        lines = [
+            e
+            for e in shared_daemon.log_events()
+            if e.get("event") == "request.completed" and e.get("request_id") == rid
+        ]
+        if lines:
+            break
+        time.sleep(0.5)
+    assert len(lines) == 1, lines
+    assert lines[0]["status"] == 499
+    assert lines[0]["error"] == "client_disconnected"

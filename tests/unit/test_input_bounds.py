@@ -17,7 +17,8 @@ from mlxd.prompt import build_prompt
 
 # -- seed ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("given", "seed"), [(0, 0), (42, 42), (-1, 2**64 - 1), (-(2**63), 2**63), (2**64 - 1, 2**64 - 1)]
+    ("given", "seed"),
+    [(0, 0), (42, 42), (-1, 2**64 - 1), (-(2**63), 2**63), (2**64 - 1, 2**64 - 1)],
 )
 def test_seeds_in_64_bit_range_map_into_mlx_range(given: int, seed: int) -> None:
     """Signed and unsigned 64-bit seeds are accepted; negatives wrap to MLX's uint64 keys."""

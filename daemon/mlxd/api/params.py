@@ -46,12 +46,6 @@ class SamplingFields(BaseModel):
     def _unsigned_seed(cls, v: int | None) -> int | None:
         return None if v is None else v % 2**64  # -1 -> 2**64-1: MLX keys are uint64
 
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def _tiny_is_greedy(cls, v: float | None) -> float | None:
-        # A temperature/top_p that float32 cannot tell from 0 means "most likely token".
-        return 0.0 if v is not None and v < GREEDY_BELOW else v
-
 
 def parse(model: type[M], body: dict[str, Any]) -> M:
     """Validate ``body``; the first problem becomes a 400 naming the parameter."""
@@ -136,7 +130,10 @@ def generation_params(
     budget = requested_max if requested_max is not None else settings.model.max_tokens
     temperature = settings.model.temperature if temperature is None else temperature
     top_p = settings.model.top_p if top_p is None else top_p
-    if top_p == 0:  # a vanishing nucleus (see _tiny_is_greedy): only the top token
+    # Values float32 cannot tell from 0 mean "the most likely token" (every API comes here).
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0
+    if top_p < GREEDY_BELOW:
         temperature, top_p = 0.0, 1.0
     return GenerationParams(
         max_tokens=max(1, min(budget, room)),
