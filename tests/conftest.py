@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,32 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = ROOT,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end with stdout and stderr captured as text; a failing exit
+    status is returned, not raised (tests assert on it)."""
+    return subprocess.run(
+        list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def run_mlxd(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = ROOT, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m mlxd ARGS`` with this environment minus any ``MLXD_*``, plus ``env``."""
+    return run_command(
+        [sys.executable, "-m", "mlxd", *args],
+        env=harness.child_env(env),
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 class Daemon(harness.Daemon):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, free_port
+from conftest import ROOT, Daemon, free_port, run_command
 from mlxd import agent
 
 UID = os.getuid()
@@ -85,15 +85,7 @@ def config(tmp_path: Path) -> Path:
 
 
 def agent_cmd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxd.agent", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_command([sys.executable, "-m", "mlxd.agent", *args], env=env)
 
 
 def calls(env: dict[str, str]) -> list[str]:
@@ -170,14 +162,8 @@ def test_launchd_reinstall_boots_out_first_and_uninstall_removes(
         f"launchctl bootstrap gui/{UID} {plist_path}",
     ]
     Path(sandbox["FAKE_CALLS"]).unlink()
-    proc = subprocess.run(
-        [str(ROOT / "bin" / "uninstall-agent"), "--platform", "launchd"],
-        env=sandbox,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    uninstall = [str(ROOT / "bin" / "uninstall-agent"), "--platform", "launchd"]
+    proc = run_command(uninstall, env=sandbox)
     assert proc.returncode == 0, proc.stderr
     assert not plist_path.exists()
     assert manager_calls(sandbox) == [f"launchctl bootout {TARGET}"]
@@ -262,7 +248,7 @@ def test_bin_install_agent_dry_run_syncs_then_prints_and_touches_nothing(
 ) -> None:
     """The real bin/install-agent syncs the environment with uv (faked here), then --dry-run
     prints the file and the launchctl commands without writing or running anything."""
-    proc = subprocess.run(
+    proc = run_command(
         [
             str(ROOT / "bin" / "install-agent"),
             "--platform",
@@ -272,10 +258,6 @@ def test_bin_install_agent_dry_run_syncs_then_prints_and_touches_nothing(
             str(config),
         ],
         env=sandbox,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     uv_calls = [c for c in calls(sandbox) if c.startswith("uv ")]

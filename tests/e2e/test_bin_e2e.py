@@ -7,7 +7,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT, Daemon, free_port
+from conftest import ROOT, Daemon, free_port, run_command
+from mlxd.bench.harness import child_env
 
 
 def test_bin_mlxd_serves_the_bundled_model(tmp_path: Path) -> None:
@@ -55,14 +56,10 @@ def test_bin_mlxd_passes_arguments_on(tmp_path: Path) -> None:
     """`bin/mlxd --config <bad file> check-config` reaches mlxd: exit 78 with the key path."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nprot = 1\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    result = subprocess.run(
+    result = run_command(
         [str(ROOT / "bin" / "mlxd"), "--config", str(bad), "check-config"],
-        env=env,
-        capture_output=True,
-        text=True,
+        env=child_env(),
         timeout=180,
-        check=False,
     )
     assert result.returncode == 78
     assert "server.prot: unknown key" in result.stderr

@@ -6,8 +6,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import ROOT, Daemon, free_port, spawn_daemon
+from conftest import Daemon, free_port, run_mlxd, spawn_daemon
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
@@ -27,28 +25,17 @@ STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a 
 def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled model exported once per session as a float32 MLX directory."""
     out = tmp_path_factory.mktemp("second-model") / "mlx"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    env["MLXD_SERVER__STATE_DIR"] = str(out.parent / "state")
     empty = out.parent / "empty.toml"
     empty.write_text("")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlxd",
-            "--config",
-            str(empty),
-            "export-model",
-            str(out),
-            "--dtype",
-            "float32",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = run_mlxd(
+        "--config",
+        str(empty),
+        "export-model",
+        str(out),
+        "--dtype",
+        "float32",
+        env={"MLXD_SERVER__STATE_DIR": str(out.parent / "state")},
         timeout=300,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").exists()

@@ -8,10 +8,7 @@ exactly and that keys never reach the log.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,13 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import ROOT, Daemon, assert_openai_error, running_daemon, spawn_daemon
+from conftest import (
+    Daemon,
+    assert_openai_error,
+    run_mlxd,
+    running_daemon,
+    spawn_daemon,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -263,13 +266,6 @@ def test_check_config_reports_public_bind_without_key(tmp_path: Path) -> None:
     """`mlxd check-config` finds the same problem before any service is started."""
     cfg = tmp_path / "mlxd.toml"
     cfg.write_text('[server]\nhost = "0.0.0.0"\n')
-    out = subprocess.run(
-        [sys.executable, "-m", "mlxd", "--config", str(cfg), "check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MLXD_")},
-    )
+    out = run_mlxd("--config", str(cfg), "check-config")
     assert out.returncode == 78
     assert "server.host" in out.stderr

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_mlxd
 from mlxd import config
 from mlxd.config import ConfigError, load_settings
 
@@ -19,22 +19,6 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "mlxd.toml"
     path.write_text(text)
     return path
-
-
-def run_mlxd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    full = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "mlxd", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=full,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 def test_empty_file_is_valid_and_serves_bundled_model(tmp_path: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC
@@ -14,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import run_mlxd
 from mlxd.config import LoggingSettings, Settings
 from mlxd.logview import Filters, Follower, follow, format_line, log_files, run
 
@@ -270,25 +268,8 @@ def test_mlxd_logs_command_end_to_end(log_dir: Path, tmp_path: Path) -> None:
     """`mlxd logs` on the command line reads the configured log file and applies filters."""
     config = tmp_path / "mlxd.toml"
     config.write_text(f'[logging]\nfile = "{log_dir / "mlxd.log"}"\n')
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlxd",
-            "--config",
-            str(config),
-            "logs",
-            "--json",
-            "-n",
-            "5",
-            "--event",
-            "request.completed",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = run_mlxd(
+        "--config", str(config), "logs", "--json", "-n", "5", "--event", "request.completed"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [REQUEST]

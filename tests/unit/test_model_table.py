@@ -4,18 +4,16 @@ memory estimates and the pinned-versus-budget check."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_mlxd
 from mlxd.config import ConfigError, Settings, load_settings
 from mlxd.errors import NotFound
 from mlxd.models.memory import estimate, pinned_problem
 from mlxd.models.registry import Router, model_table
 
-ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = 'path = "bundled:SmolLM2-135M-Instruct"'
 
 TWO = f"""
@@ -129,7 +127,7 @@ def test_check_config_exits_78_for_pinned_over_budget_and_shows_the_table(tmp_pa
     is exit 78 with a hint."""
     path = tmp_path / "mlxd.toml"
     path.write_text(TWO)
-    ok = _mlxd("check-config", "--config", str(path))
+    ok = run_mlxd("check-config", "--config", str(path))
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     assert list(out["settings"]["models"]) == ["small", "big"]
@@ -138,21 +136,6 @@ def test_check_config_exits_78_for_pinned_over_budget_and_shows_the_table(tmp_pa
         TWO.replace('dtype = "keep"', 'dtype = "keep"\npinned = true')
         + "\n[engine]\nmemory_budget_bytes = 10000000\n"
     )
-    bad = _mlxd("check-config", "--config", str(path))
+    bad = run_mlxd("check-config", "--config", str(path))
     assert bad.returncode == 78
     assert "pinned" in bad.stderr and "Hint:" in bad.stderr
-
-
-def _mlxd(*args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "mlxd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )

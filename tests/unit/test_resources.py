@@ -4,15 +4,14 @@ packaged copies (pyproject's wheel force-include) when mlxd is installed elsewhe
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, run_command, run_mlxd
 from mlxd import resources
+from mlxd.bench.harness import child_env
 
 
 def _installed_copy(site: Path) -> Path:
@@ -43,18 +42,8 @@ def test_installed_package_works_outside_a_checkout(tmp_path: Path) -> None:
     package = _installed_copy(tmp_path / "site")
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-    env["PYTHONPATH"] = str(tmp_path / "site")
-    env["MLXD_SERVER__STATE_DIR"] = str(tmp_path / "state")
-    done = subprocess.run(
-        [sys.executable, "-m", "mlxd", "check-config"],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = {"PYTHONPATH": str(tmp_path / "site"), "MLXD_SERVER__STATE_DIR": str(tmp_path / "state")}
+    done = run_mlxd("check-config", env=env, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["config_file"] == str(package / "data" / "mlxd.toml")
     assert (package / "data" / "mlxd.toml").read_text() == (ROOT / "etc" / "mlxd.toml").read_text()
@@ -67,15 +56,7 @@ def test_installed_package_works_outside_a_checkout(tmp_path: Path) -> None:
         "agent.validate_plist(agent.render_plist(spec, Path.home()))\n"
         "print(agent.render_unit(spec))\n"
     )
-    unit = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    unit = run_command([sys.executable, "-c", script], env=child_env(env), cwd=elsewhere)
     assert unit.returncode == 0, unit.stderr
     assert f"--config {package / 'data' / 'mlxd.toml'}" in unit.stdout
     assert "@" not in unit.stdout  # every placeholder filled in
