@@ -66,7 +66,8 @@ def test_stream_event_sequence(shared_daemon: Daemon) -> None:
     message_delta with stop_reason and usage, message_stop — in that order."""
     body = {"model": "m", "max_tokens": 8, "messages": PARIS, "stream": True, **GREEDY}
     with shared_daemon.http(timeout=90) as http:
-        text = http.post("/v1/messages", json=body).text
+        resp = http.post("/v1/messages", json=body)
+    text, rid = resp.text, resp.headers["x-request-id"]
     events = [json.loads(ln[6:]) for ln in text.splitlines() if ln.startswith("data: ")]
     kinds = [e["type"] for e in events]
     assert kinds[:2] == ["message_start", "ping"]
@@ -77,6 +78,14 @@ def test_stream_event_sequence(shared_daemon: Daemon) -> None:
     assert all(e.get("index", 0) == 0 for e in events if e["type"].startswith("content_block"))
     assert events[-2]["delta"]["stop_reason"] in ("end_turn", "max_tokens")
     assert events[-2]["usage"]["output_tokens"] > 0
+    # the stream's one request.completed line is written at its end, with its counts
+    lines = [
+        e
+        for e in shared_daemon.log_events()
+        if e["event"] == "request.completed" and e["request_id"] == rid
+    ]
+    assert len(lines) == 1 and lines[0]["stream"] is True
+    assert lines[0]["completion_tokens"] == events[-2]["usage"]["output_tokens"]
 
 
 def test_named_tool_choice_gives_valid_tool_use_and_the_loop_ends(

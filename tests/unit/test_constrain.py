@@ -31,6 +31,7 @@ from mlxd.engine.constrain import (  # noqa: E402
     compile_json_object,
     compile_json_schema,
     compile_tool_call,
+    compile_tool_calls,
     tokenizer_info_for,
 )
 from mlxd.models.gguf import bundled_gguf_path, load_gguf  # noqa: E402
@@ -348,3 +349,26 @@ def test_tokenizer_info_is_cached(loaded: tuple[nn.Module, Any], info: Tokenizer
     assert tokenizer_info_for(loaded[1]) is info
     assert info.vocab_size >= 49152
     assert info.eos_token_ids
+
+
+def test_tool_schemas_drop_keywords_the_grammar_cannot_enforce(
+    loaded: tuple[nn.Module, Any], info: TokenizerInfo
+) -> None:
+    """Claude Code's tool schemas use propertyNames: the tool grammar compiles without it
+    (and says so in its warnings) and still enforces the rest; response_format schemas with
+    the same keyword are still refused."""
+    params = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "env": {"type": "object", "propertyNames": {"pattern": "^[A-Z]+$"}},
+        },
+        "required": ["path"],
+    }
+    tools = [{"type": "function", "function": {"name": "Read", "parameters": params}}]
+    grammar = compile_tool_calls(info, tools, text=True)
+    assert any("propertyNames" in w for w in grammar.warnings)
+    assert accepts(grammar, loaded[1], '{"name": "Read", "arguments": {"path": "a"}}')
+    assert not accepts(grammar, loaded[1], '{"name": "Read", "arguments": {"env": {}}}')
+    with pytest.raises(GrammarUnsupported):
+        compile_json_schema(info, params)

@@ -30,7 +30,9 @@ class _Lax(BaseModel):
 
 
 class InputMessage(_Lax):
-    role: Literal["user", "assistant"]
+    # "system" is not in Anthropic's schema, but Claude Code sends system reminders that
+    # way in the message list; they reach the template as system messages where they stand.
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -134,6 +136,8 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
         param = f"messages[{i}].content"
         if isinstance(msg.content, str):
             out.append({"role": msg.role, "content": msg.content})
+        elif msg.role == "system":
+            out.append({"role": "system", "content": _text_of(msg.content, param)})
         elif msg.role == "user":
             out.extend(_user_blocks(msg.content, param))
         else:

@@ -248,11 +248,16 @@ class Renderer(Protocol):
         """Release what the stream held (always called, once)."""
 
 
-async def stream(gen: Generation, renderer: Renderer, interval: float) -> AsyncIterator[bytes]:
-    """The one SSE loop. Runs after the route returned (outside the request context), so
-    everything it needs is in ``gen`` and ``renderer``."""
+def stream(gen: Generation, renderer: Renderer, interval: float) -> AsyncIterator[bytes]:
+    """The one SSE loop for ``gen``. The request is marked as streaming now (so the app
+    leaves its ``request.completed`` line to the stream's end); the loop itself runs after
+    the route returned, outside the request context."""
+    gen.record.streaming = True
+    return _stream(gen, renderer, interval)
+
+
+async def _stream(gen: Generation, renderer: Renderer, interval: float) -> AsyncIterator[bytes]:
     rec = gen.record
-    rec.streaming = True
     status = 200
     try:
         for frame in renderer.opening():

@@ -40,7 +40,7 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import mlx.core as mx
@@ -285,6 +285,71 @@ def compile_tool_calls(
     value matching that schema (``response_format`` together with ``tool_choice: "auto"``).
     Built as an llguidance Lark grammar with the JSON schemas embedded via ``%json``.
     """
+    relaxed: list[str] = []
+    for _ in range(_MAX_RELAXATIONS):
+        try:
+            grammar = _compile_tool_calls(
+                tokenizer_info,
+                tools,
+                name=name,
+                parallel=parallel,
+                text=text,
+                text_schema=text_schema,
+                text_strict=text_strict,
+                strict=strict,
+            )
+        except GrammarUnsupported as exc:
+            keywords = [k for k in (exc.feature or "").split(", ") if k and ":" not in k]
+            if not keywords or set(keywords) <= set(relaxed):
+                raise
+            relaxed += keywords
+            tools = [_tool_without_keywords(t, set(relaxed)) for t in tools]
+            continue
+        if relaxed:
+            note = f"tool schemas: not enforced: {', '.join(relaxed)}"
+            grammar = replace(grammar, warnings=(*grammar.warnings, note))
+        return grammar
+    raise GrammarUnsupported("tool schemas use too many keywords the grammar cannot enforce")
+
+
+#: Rounds of dropping unenforceable keywords from tool schemas before giving up.
+_MAX_RELAXATIONS: Final = 6
+
+
+def _tool_without_keywords(tool: Mapping[str, Any], keywords: set[str]) -> dict[str, Any]:
+    """A copy of an OpenAI tool definition whose parameter schema lacks ``keywords``.
+
+    Tool schemas come from clients the user does not control (Claude Code sends
+    ``propertyNames``); a keyword the grammar cannot enforce is dropped from the tool's
+    grammar instead of refusing the request — arguments still follow the rest of the schema.
+    ``response_format`` schemas are never relaxed: there the client asked for exactness.
+    """
+
+    def strip(node: Any, _keyword: str) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        return _map_subschemas({k: v for k, v in node.items() if k not in keywords}, strip)
+
+    out = dict(tool)
+    fn = out.get("function")
+    if isinstance(fn, Mapping) and isinstance(fn.get("parameters"), Mapping):
+        out["function"] = {**fn, "parameters": strip(fn["parameters"], "")}
+    elif isinstance(out.get("parameters"), Mapping):
+        out["parameters"] = strip(out["parameters"], "")
+    return out
+
+
+def _compile_tool_calls(
+    tokenizer_info: TokenizerInfo,
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    name: str | None,
+    parallel: bool,
+    text: bool,
+    text_schema: Mapping[str, Any] | None,
+    text_strict: bool,
+    strict: bool,
+) -> Grammar:
     if not parallel and not text and text_schema is None:
         return compile_tool_call(tokenizer_info, tools, name=name, strict=strict)
     call = {**_tool_call_schema(tools, name=name, strict=strict), "x-guidance": dict(_JSON_OPTIONS)}
