@@ -110,8 +110,9 @@ class ServerSettings(_Section):
     sse_keepalive_seconds: float = Field(
         10.0,
         gt=0,
-        description="Interval of SSE ': keepalive' comments while a stream waits (long prefill, "
-        "queue).",
+        description="Interval of keep-alives while a stream waits (long prefill, queue): an SSE "
+        "comment in Chat Completions, a response.in_progress event in Responses, a ping event "
+        "in Anthropic Messages.",
     )
 
     def is_loopback(self) -> bool:

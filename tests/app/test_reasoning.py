@@ -39,6 +39,9 @@ class FakeTokenizer:
     def encode(self, text: str, **_: Any) -> list[int]:
         return list(range(len(text.split())))
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"hello": 0, "world": 1}
+
 
 @dataclass
 class FakeModel:
