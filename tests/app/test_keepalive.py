@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from test_reasoning import FakeModel
+from test_reasoning import ScriptedEngine
 
 from mlxd.api.app import create_app
 from mlxd.api.context import AppState
@@ -24,23 +23,8 @@ from mlxd.engine.core import Delta, Finished, Job
 SILENCE = 0.6  # seconds before the first token; the keep-alive interval is 0.05 s
 
 
-@dataclass
-class SlowEngine:
+class SlowEngine(ScriptedEngine):
     """Engine stand-in that says nothing for SILENCE seconds, then answers "Hello"."""
-
-    current: FakeModel = field(default_factory=FakeModel)
-    state: str = "ready"
-    device: dict[str, str] = field(default_factory=lambda: {"device": "cpu"})
-    load_error: str | None = None
-
-    def require_model(self) -> FakeModel:
-        return self.current
-
-    def queue_depth(self) -> int:
-        return 0
-
-    def active_count(self) -> int:
-        return 0
 
     def submit(self, job: Job) -> None:
         def answer() -> None:
@@ -53,7 +37,7 @@ class SlowEngine:
 def stream(tmp_path: Path, path: str, body: dict[str, Any]) -> str:
     settings = Settings(server={"sse_keepalive_seconds": 0.05})
     store = Store.open(tmp_path / "responses.db")
-    app = create_app(AppState(settings=settings, engine=SlowEngine(), store=store))  # type: ignore[arg-type]
+    app = create_app(AppState(settings=settings, engine=SlowEngine([]), store=store))  # type: ignore[arg-type]
 
     async def go() -> str:
         resp = await app.test_client().post(path, json={**body, "stream": True})

@@ -95,15 +95,15 @@ def test_named_tool_choice_gives_valid_tool_use_and_the_loop_ends(
     streamed, the SDK assembles the same input from input_json_delta; after the tool_result
     the model answers in text."""
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    choice = {"type": "tool", "name": "get_weather"}
-    msg = client.messages.create(
-        model="m",
-        max_tokens=60,
-        messages=ask,
-        tools=[WEATHER],
-        tool_choice=choice,
-        extra_body=GREEDY,
-    )
+    kw: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 60,
+        "messages": ask,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "extra_body": GREEDY,
+    }
+    msg = client.messages.create(**kw)
     uses = [b for b in msg.content if b.type == "tool_use"]
     assert msg.stop_reason == "tool_use" and len(uses) == 1
     use = uses[0]
@@ -111,14 +111,7 @@ def test_named_tool_choice_gives_valid_tool_use_and_the_loop_ends(
     assert isinstance(use.input, dict) and set(use.input) == {"city"}
     assert isinstance(use.input["city"], str)
 
-    with client.messages.stream(
-        model="m",
-        max_tokens=60,
-        messages=ask,
-        tools=[WEATHER],
-        tool_choice=choice,
-        extra_body=GREEDY,
-    ) as stream:
+    with client.messages.stream(**kw) as stream:
         final = stream.get_final_message()
     streamed = [b for b in final.content if b.type == "tool_use"]
     assert len(streamed) == 1 and streamed[0].input == use.input
