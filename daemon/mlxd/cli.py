@@ -168,14 +168,17 @@ def _export_model(settings: Settings, out: Path, dtype: str) -> int:
 
 
 def _serve(settings: Settings, path: Path | None, argv: list[str]) -> int:
+    from .filemodes import restrict_new_files, secure_state
     from .logs import get_logger, setup_logging
     from .service import Service
 
+    restrict_new_files()  # conversations and logs are the user's alone (before any file opens)
     try:
         setup_logging(settings.logging, settings.log_path())
     except OSError as exc:
         print(f"mlxd: cannot open log file {settings.log_path()}: {exc}", file=sys.stderr)
         return EX_CONFIG
+    secure_state(settings, path)
     service = Service(settings, path)
     try:
         code = asyncio.run(service.run())

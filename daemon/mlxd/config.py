@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from .resources import checkout_root, default_config_path
 
@@ -138,6 +139,17 @@ class SecuritySettings(_Section):
         description="File with one API key per line (# comments allowed), read at start and on "
         "reload; keeps keys out of the config file.",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_key(cls, keys: list[str]) -> list[str]:
+        if any(not key.strip() for key in keys):
+            raise ValueError(
+                "an empty API key would match an empty Bearer token. Hint: remove the empty "
+                'string, or use a long random key (python -c "import secrets; '
+                'print(secrets.token_urlsafe(32))").'
+            )
+        return keys
 
 
 class ModelSettings(_Section):
@@ -421,6 +433,13 @@ class Settings(BaseSettings):
                     "file with one key per line, or remove api_key_file."
                 ) from exc
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys and not self.server.is_loopback():
+            # The validator saw api_key_file set; an empty file must not open the network.
+            raise ConfigError(
+                f"server.host = {self.server.host!r} is not a loopback address and "
+                f"security.api_key_file ({self.security.api_key_file}) holds no keys. Hint: "
+                'write one key per line into it, or keep host = "127.0.0.1".'
+            )
         return keys
 
 
@@ -481,6 +500,11 @@ def load_settings(path: Path | None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, where)) from None
+    except SettingsError as exc:  # an MLXD_* variable that does not parse (value not echoed)
+        raise ConfigError(
+            f"invalid configuration (environment): {exc}. Hint: list values in MLXD_* "
+            "variables are JSON, e.g. MLXD_SECURITY__API_KEYS='[\"<key>\"]'."
+        ) from None
 
 
 def _check_models_table(path: Path, value: Any) -> None:
@@ -500,6 +524,10 @@ def _section_of(loc: tuple[int | str, ...]) -> tuple[str, type[_Section] | None,
     return name, SECTIONS.get(name), 1
 
 
+#: Keys whose values are never echoed in an error message (or, through it, in logs/health).
+SECRET_FIELDS = frozenset({"api_keys"})
+
+
 def _explain(exc: ValidationError, where: str) -> str:
     """One line per problem: the dotted key path, what is wrong, and a hint for the fix."""
     lines = [f"invalid configuration ({where}):"]
@@ -517,7 +545,8 @@ def _explain(exc: ValidationError, where: str) -> str:
         else:
             field = _field_for(err["loc"])
             hint = f" Hint: {field.description}" if field is not None and field.description else ""
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r}).{hint}")
+            got = "***" if SECRET_FIELDS.intersection(map(str, err["loc"])) else err.get("input")
+            lines.append(f"  {loc}: {err['msg']} (got {got!r}).{hint}")
     return "\n".join(lines)
 
 

@@ -49,7 +49,10 @@ def call(
     settings: Settings | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One request through the real app; returns (status, parsed JSON body)."""
-    app = create_app(AppState(settings=settings or Settings(), engine=UnreachableEngine()))  # type: ignore[arg-type]
+    settings = settings or Settings()
+    st = AppState(settings=settings, engine=UnreachableEngine())  # type: ignore[arg-type]
+    st.api_keys = list(settings.security.api_keys)  # as the service sets them
+    app = create_app(st)
 
     async def go() -> tuple[int, dict[str, Any]]:
         async with app.test_app():

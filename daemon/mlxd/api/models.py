@@ -9,6 +9,7 @@ from quart import Blueprint, Response, jsonify
 
 from .. import __version__
 from ..errors import NotFound
+from . import security
 from .context import state
 
 bp = Blueprint("models", __name__)
@@ -38,6 +39,8 @@ async def health() -> Response:
         body["error"] = engine.load_error
     if st.shutting_down:
         body["status"] = "stopping"
+    if not security.authenticated(st):  # liveness only for callers without a key
+        body = {"status": body["status"]}
     resp = jsonify(body)
     if engine.state != "ready" or st.shutting_down:
         resp.status_code = 503

@@ -1,10 +1,21 @@
-"""Who may talk to the daemon: Host allow-list, API keys, CORS.
+"""Who may talk to the daemon: Host allow-list, Origin, content type, API keys, CORS.
 
 * Host: a web page can point its own domain at 127.0.0.1 (DNS rebinding) and then read the
   local API from a browser. The browser still sends the page's domain in ``Host``, so only
   loopback names, the bound address and ``server.allowed_hosts`` are accepted (403 otherwise).
+* Origin: a page on another site can still *send* a "simple" request (a ``text/plain`` POST,
+  a form) to 127.0.0.1; CORS only hides the answer, while the generation runs and is stored.
+  So a request whose ``Origin`` is not allowed by the CORS rules below (``null``,
+  ``file://``, ``http://localhost.evil.example`` included) is refused with 403
+  ``origin_not_allowed`` before anything runs, whatever its method (Ollama does the same).
+* Content type: a POST whose body is not declared JSON (``application/json`` or
+  ``*/*+json``) is refused with 415 ``unsupported_media_type``: no browser can send JSON
+  cross-site without a preflight, so this closes form and ``text/plain`` CSRF even for
+  clients that send no ``Origin``.
 * API keys: optional on loopback, required elsewhere (enforced by config validation);
-  compared in constant time; ``/health`` and CORS preflights stay open.
+  compared in constant time; CORS preflights stay open. ``/health`` stays open for
+  liveness, but when keys are set a caller without one sees only ``status`` (no model
+  path, reload errors or queue); ``/metrics`` then needs a key.
 * CORS: localhost origins by default; exactly ``server.cors_origins`` when set.
 """
 
@@ -19,7 +30,8 @@ from ..config import LOOPBACK_NAMES
 from ..errors import Forbidden, Unauthorized
 from .context import AppState
 
-_OPEN_PATHS = frozenset({"/health", "/metrics"})
+_OPEN_PATHS = frozenset({"/health"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CORS_HEADERS = (
     "Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project, "
     "x-api-key, anthropic-version, anthropic-beta"
@@ -54,6 +66,28 @@ def origin_allowed(st: AppState, origin: str) -> bool:
     return parts.scheme in ("http", "https") and (parts.hostname or "") in LOOPBACK_NAMES
 
 
+def _json_declared() -> bool:
+    mimetype = request.mimetype or ""
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
+
+
+def _presented_key() -> str:
+    # Anthropic clients send the key as x-api-key; OpenAI clients as a Bearer token.
+    token = request.headers.get("x-api-key", "")
+    if not token.strip():
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = ""
+    return token.strip()
+
+
+def authenticated(st: AppState) -> bool:
+    """True when no keys are configured or the request carries a valid one."""
+    return not st.api_keys or _key_ok(st, _presented_key())
+
+
 def _key_ok(st: AppState, presented: str) -> bool:
     ok = False
     for key in st.api_keys:
@@ -70,22 +104,32 @@ async def check(st: AppState) -> Response | None:
             "[server] allowed_hosts if you reach mlxd under that name.",
             code="host_not_allowed",
         )
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(st, origin):
+        raise Forbidden(
+            f"Origin {origin!r} is not allowed. Hint: add it to [server] cors_origins if a "
+            "web page there should use mlxd.",
+            code="origin_not_allowed",
+        )
     if request.method == "OPTIONS":
         return Response("", status=204)
+    if request.method in _BODY_METHODS and not _json_declared():
+        err = Forbidden(
+            f"Content-Type {request.headers.get('Content-Type', '')!r} is not accepted: send "
+            "the body as 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
+        err.status, err.type = 415, "invalid_request_error"
+        raise err
     if request.path in _OPEN_PATHS or not st.api_keys:
         return None
-    # Anthropic clients send the key as x-api-key; OpenAI clients as a Bearer token.
-    token = request.headers.get("x-api-key", "")
-    if not token.strip():
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            token = ""
-    if not token.strip():
+    token = _presented_key()
+    if not token:
         raise Unauthorized(
             "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>' "
             "(see [security] in mlxd.toml)"
         )
-    if not _key_ok(st, token.strip()):
+    if not _key_ok(st, token):
         raise Unauthorized("incorrect API key provided")
     return None
 
