@@ -14,7 +14,8 @@ MlxdError                      base; carries status, type, code, param
 ├── PayloadTooLarge            413 invalid_request_error
 ├── Overloaded                 429/503 with Retry-After
 ├── ModelUnavailable           503 (loading, failed to load, switching), Retry-After
-└── GenerationFailed           500 server_error (a bug or an MLX failure mid-generation)
+├── GenerationFailed           500 server_error (a bug or an MLX failure mid-generation)
+└── StorageFailed              500 storage_error (the conversation store cannot write)
 
 ModelLoadError                 raised by model resolution/loading; never reaches HTTP
 └── UnsupportedModelError      the file is readable but of a kind mlxd cannot serve
@@ -131,6 +132,14 @@ class GenerationFailed(MlxdError):
     status = 500
     type = "server_error"
     code = "generation_failed"
+
+
+class StorageFailed(MlxdError):
+    """The store could not write (disk full, file deleted, I/O error); the message says which."""
+
+    status = 500
+    type = "server_error"
+    code = "storage_error"
 
 
 class ModelLoadError(Exception):

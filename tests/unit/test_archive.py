@@ -133,3 +133,22 @@ def test_activity_during_archiving_cancels_the_delete(store: Store, tmp_path: Pa
     _turn(store, "r3", "r2", "third", now=150.0)
     assert store.remove_archived(dump, tmp_path / "x.json", now=200.0) is False
     assert store.counts()["responses"] == 3
+
+
+def test_record_with_lone_surrogate_is_archived_escaped_and_others_still_archive(
+    tmp_path: Path,
+) -> None:
+    """A stored record holding a lone surrogate (accepted before the API refused them) used to
+    make every sweep fail with UnicodeEncodeError, so nothing was archived again. Now it is
+    written with \\u escapes (valid JSON, nothing lost) and the other conversations archive."""
+    s = Store.open(tmp_path / "c.sqlite3")
+    _turn(s, "bad", None, "lone \ud800 surrogate", now=100.0)
+    _turn(s, "good", None, "fine", now=100.5)
+    with capture_logs() as logs:
+        written = archive.sweep(s, tmp_path / "archive", ttl_seconds=10, now=1000.0)
+    s.close()
+    assert len(written) == 2
+    bad = next(p for p in written if "bad" in p.name)
+    doc = json.loads(bad.read_text(encoding="ascii"))
+    assert "lone \ud800 surrogate" in json.dumps(doc["turns"][0]["input"], ensure_ascii=False)
+    assert [e["event"] for e in logs].count("conversations.archive_escaped") == 1

@@ -158,3 +158,40 @@ def test_pinned_conversation_does_not_expire(store: Store) -> None:
     assert store.expired(older_than=1e12, now=1.0) == []
     store.end_turn(chain)
     assert store.expired(older_than=1e12, now=1.0) == ["conv_r1"]
+
+
+def test_full_disk_is_a_storage_error_naming_the_cause(tmp_path: Path) -> None:
+    """A write that SQLite cannot complete (here: the database may not grow, as on a full
+    disk) raises StorageFailed (500 storage_error) naming the file and SQLite's reason; it
+    used to surface as an anonymous 500 / a stream without a terminal event."""
+    from mlxd.errors import StorageFailed
+
+    store = Store.open(tmp_path / "c.sqlite3")
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StorageFailed) as err:
+        _turn(store, "r1", None, "x" * 200_000, "y")
+    assert err.value.status == 500 and err.value.code == "storage_error"
+    assert "full" in err.value.message and str(tmp_path) in err.value.message
+    store._conn.execute(f"PRAGMA max_page_count = {pages * 1000}")
+    _turn(store, "r2", None, "small", "ok")  # the store works again once there is room
+    assert store.get("r2") is not None
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_database_file_deleted_or_replaced_refuses_writes(tmp_path: Path, how: str) -> None:
+    """When the path no longer names the open file, writes are refused loudly (they used to
+    succeed into the unlinked file and vanish at the next start)."""
+    from mlxd.errors import StorageFailed
+
+    path = tmp_path / "c.sqlite3"
+    store = Store.open(path)
+    _turn(store, "r1", None, "a", "b")
+    for f in tmp_path.glob("c.sqlite3*"):
+        f.unlink()
+    if how == "replaced":
+        path.write_bytes(b"")
+    with pytest.raises(StorageFailed, match="deleted or replaced"):
+        _turn(store, "r2", None, "c", "d")
+    store.close()

@@ -107,6 +107,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _encode(doc: dict[str, Any], conv_id: str) -> bytes | None:
+    """The file's bytes; None (reported) for a record that cannot be written at all.
+
+    Text that is not valid Unicode (a lone surrogate stored before the API refused them)
+    cannot be UTF-8: such a document is written with ASCII escapes instead (``\\ud800``),
+    which is still valid JSON and loses nothing. One bad record must never stop the sweeper.
+    """
+    try:
+        return (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode()
+    except UnicodeEncodeError:
+        reason = "text that is not valid Unicode; written with \\u escapes"
+        log.warning("conversations.archive_escaped", conversation_id=conv_id, reason=reason)
+    try:
+        return (json.dumps(doc, ensure_ascii=True, indent=2) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        log.error(
+            "conversations.archive_skipped",
+            conversation_id=conv_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return None
+
+
 def remove_stale_temps(archive_dir: Path) -> None:
     """Temporary files left by a crash mid-write (only the sweeper writes here)."""
     try:
@@ -136,9 +159,11 @@ def sweep(
         if dump is None:
             continue
         path = archive_dir / archive_name(conv_id)
-        doc = archive_document(dump, now)
+        data = _encode(archive_document(dump, now), conv_id)
+        if data is None:
+            continue  # reported; the other conversations are still archived
         try:
-            write_atomic(path, (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode())
+            write_atomic(path, data)
         except OSError as exc:
             log.error(
                 "conversations.archive_failed",

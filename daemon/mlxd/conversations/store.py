@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -29,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PreviousResponseNotFound
+from ..errors import PreviousResponseNotFound, StorageFailed
+from ..logs import get_logger
+
+log = get_logger("mlxd.conversations")
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +108,9 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        # Which file the connection has open: a write checks that the path still names it.
+        self._identity = _identity(path)
+        self._replaced_logged = False
         self._lock = threading.Lock()
         # Conversations with a generation in flight: pin number -> (conversation, deadline).
         # The deadline only matters if a pin leaked (a stream that never started).
@@ -156,14 +163,37 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Any SQLite failure (disk full, I/O error) becomes a
+        StorageFailed naming the file and the cause; so does a database file that was
+        deleted or replaced under the running daemon: writing on into the unlinked file would
+        answer 200 and lose the data at the next start."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._check_file()
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageFailed(
+                    f"the conversation store could not write to {self.path}: {exc}"
+                ) from exc
+
+    def _check_file(self) -> None:
+        if _identity(self.path) == self._identity:
+            return
+        if not self._replaced_logged:
+            self._replaced_logged = True
+            log.error("store.file_replaced", path=str(self.path))
+        raise StorageFailed(
+            f"the conversation database {self.path} was deleted or replaced while mlxd was "
+            "running; writes are refused so that nothing is silently lost. Hint: restore the "
+            "file, or restart mlxd to start a new database there."
+        )
 
     # -- responses --------------------------------------------------------------------------
     def begin_turn(
@@ -349,3 +379,12 @@ def _row(row: tuple[Any, ...]) -> StoredResponse:
         body=json.loads(row[5]),
         deleted=bool(row[6]),
     )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
