@@ -23,7 +23,7 @@ from mlxd.api.app import create_app
 from mlxd.api.context import AppState
 from mlxd.config import Settings
 from mlxd.conversations.store import Store
-from mlxd.engine.core import Delta, Finished, Job
+from mlxd.engine.core import Delta, Finished, GenerationRequest, JobHandle
 from mlxd.engine.textfilter import TextFilter
 
 PIECES = ["<think>", "The user", " wants", " a greeting.", "</think>", "\n\n", "Hello", "!"]
@@ -75,18 +75,24 @@ class ScriptedEngine:
     def active_count(self) -> int:
         return 0
 
-    def submit(self, job: Job) -> None:
-        """Like the engine: one piece per decoding step; steps whose text went to
-        reasoning are counted as reasoning tokens."""
-        text = TextFilter(stop=list(job.params.stop), reasoning=job.reasoning_mode)
+    def submit(self, request: GenerationRequest) -> JobHandle:
+        """Like the engine: one piece per decoding step; steps that start or end inside
+        <think> are counted as reasoning tokens."""
+        job = JobHandle(1, request, asyncio.get_running_loop(), lambda _: None)
+        text = TextFilter(stop=list(request.params.stop), reasoning=request.reasoning_mode)
         thinking = 0
-        for piece in [*(text.feed(p) for p in self.pieces), text.finish()]:
-            thinking += bool(piece.reasoning and not piece.content)
+        pieces = []
+        for p in self.pieces:
+            before = text.in_think
+            pieces.append(text.feed(p))
+            thinking += before or text.in_think
+        for piece in [*pieces, text.finish()]:
             if piece.content or piece.reasoning:
-                job.events.put_nowait(Delta(piece.content, piece.reasoning))
-        job.events.put_nowait(
-            Finished("stop", len(job.prompt), len(self.pieces), reasoning_tokens=thinking)
+                job.deliver(Delta(piece.content, piece.reasoning))
+        job.deliver(
+            Finished("stop", len(request.prompt), len(self.pieces), reasoning_tokens=thinking)
         )
+        return job
 
 
 def make_app(tmp_path: Path, mode: str) -> Any:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from quart import Response
 
 from ..engine.constrain import GrammarProcessor
-from ..engine.core import Delta, Event, Failed, Finished, Job
+from ..engine.core import Delta, Event, Failed, Finished, GenerationRequest, JobHandle
 from ..engine.loader import LoadedModel
 from ..errors import MlxdError
 from ..logs import get_logger
@@ -83,7 +83,7 @@ class Done:
 class Generation:
     """A submitted job, its output plan, and the request it belongs to."""
 
-    job: Job
+    job: JobHandle
     plan: OutputPlan
     record: RequestRecord
     model_id: str
@@ -156,18 +156,16 @@ async def start(
         top_k=sampling.top_k,
         logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
     )
-    job = Job(
+    request = GenerationRequest(
         model=lm,
         prompt=prompt.ids,
         params=params,
         reasoning_mode=reasoning or st.settings.model.reasoning,
         in_think=prompt.in_think,
-        loop=asyncio.get_running_loop(),
     )
     rec.model = lm.id
     rec.prompt_tokens = len(prompt.ids)
-    st.engine.submit(job)
-    return Generation(job, plan, rec, lm.id)
+    return Generation(st.engine.submit(request), plan, rec, lm.id)
 
 
 async def wait_first(gen: Generation, timeout: float) -> None:

@@ -53,6 +53,12 @@ class TextFilter:
     def stopped(self) -> bool:
         return self._stopped
 
+    @property
+    def in_think(self) -> bool:
+        """Inside a ``<think>`` block (separate or strip mode): the engine counts such
+        decoding steps as reasoning tokens."""
+        return self._in_think
+
     def feed(self, text: str) -> Piece:
         """Classify as much of ``text`` (plus held-back text) as can be decided now."""
         if self._stopped:

@@ -1,0 +1,355 @@
+"""One model's running generations: admit, step, emit, finish, on the engine thread only.
+
+A :class:`BatchRunner` holds the sequences of one loaded model and advances them together
+through mlx-lm's ``BatchGenerator`` (continuous batching): each job keeps its own sampler,
+logits processors, token budget, stop handling and cancellation, and its prompt reuses the
+longest cached prefix from the :class:`~mlxd.engine.promptcache.PromptCache`. The engine
+(:mod:`mlxd.engine.core`) owns the thread, the inbox and the queue, and calls the runner.
+
+A failure inside one sequence ends only that sequence: its sampler and logits processors are
+wrapped so that an exception marks the job and lets the step go on (the job is then answered
+with ``Failed``), and a grammar whose matcher failed ends its job as ``Failed`` too, never as
+an ordinary stop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import EngineSettings
+from ..errors import BadRequest, GenerationFailed, MlxdError
+from ..logs import get_logger
+from .loader import LoadedModel
+from .promptcache import PromptCache
+from .protocol import Delta, Event, Failed, Finished, GenerationRequest, LogitsProcessor
+from .textfilter import TextFilter
+
+log = get_logger("mlxd.engine")
+
+#: Seeds MLX's PRNG accepts (a uint64); anything else is refused before it reaches a batch.
+SEED_LIMIT = 2**64
+
+
+@dataclass(eq=False)
+class Job:
+    """Engine-thread state of one generation (the API holds its :class:`JobHandle`)."""
+
+    id: int
+    request: GenerationRequest
+    send: Callable[[Event], None]
+    cancelled: bool = False
+    uid: int = -1
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    deadline: float = 0.0
+    detokenizer: Any = None
+    text: TextFilter | None = None
+    done: bool = False
+    #: First failure inside this sequence's sampler or processors (or its grammar's matcher).
+    error: str | None = None
+    grammars: list[Any] = field(default_factory=list)
+
+    def sequence_error(self) -> str | None:
+        if self.error is not None:
+            return self.error
+        for grammar in self.grammars:
+            if grammar.error is not None:
+                return f"constrained generation failed: {grammar.error}"
+        return None
+
+
+class BatchRunner:
+    """The generations of one model. Every method runs on the engine thread."""
+
+    def __init__(self, lm: LoadedModel, settings: EngineSettings, prompt_cache: PromptCache):
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.sample_utils import greedy_sampler
+
+        self.lm = lm
+        self.settings = settings
+        self.prompt_cache = prompt_cache
+        self._greedy = greedy_sampler  # one shared sampler, so greedy rows sample batched
+        self._stops = StopSequences([[t] for t in sorted(lm.eos_token_ids)])
+        self._gen = make_generator(lm, settings, greedy_sampler)
+        self.active: dict[int, Job] = {}
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.max_batch_size - len(self.active)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    # -- admission ------------------------------------------------------------------------
+    def add(self, job: Job) -> None:
+        """Start ``job``; a job whose settings cannot run (a bad seed) fails alone."""
+        try:
+            sampler, processors = self._sampling(job)
+        except MlxdError as exc:
+            job.done = True
+            job.send(Failed(exc))
+            return
+        p = job.request.params
+        job.detokenizer = self.lm.tokenizer.detokenizer
+        job.text = TextFilter(
+            stop=list(p.stop), reasoning=job.request.reasoning_mode, in_think=job.request.in_think
+        )
+        job.deadline = time.monotonic() + p.timeout
+        prompt = job.request.prompt
+        cache, n_cached = self.prompt_cache.lookup(prompt)
+        job.cached_tokens = n_cached
+        (job.uid,) = self._gen.insert(
+            [prompt[n_cached:]],
+            max_tokens=[p.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[prompt[:n_cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[self._stops],
+        )
+        self.active[job.uid] = job
+
+    def _sampling(self, job: Job) -> tuple[Any, list[LogitsProcessor]]:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        p = job.request.params
+        if p.seed is not None and not 0 <= p.seed < SEED_LIMIT:
+            raise BadRequest(f"seed must be between 0 and {SEED_LIMIT - 1}", param="seed")
+        sampler: Any = self._greedy
+        if p.temperature != 0:
+            sampler = _guarded_sampler(job, make_sampler(p.temperature, p.top_p, p.seed, p.top_k))
+        processors = list(p.logits_processors)
+        if p.repetition_penalty and p.repetition_penalty != 1.0:
+            processors += make_logits_processors(repetition_penalty=p.repetition_penalty)
+        # Processors that can fail without raising (GrammarProcessor) report it in ``error``.
+        job.grammars = [q for q in processors if hasattr(q, "error")]
+        return sampler, [_guarded_processor(job, q) for q in processors]
+
+    # -- stepping -------------------------------------------------------------------------
+    def remove(self, job: Job) -> None:
+        """Drop a cancelled job (its client is gone: nothing is sent)."""
+        if self.active.pop(job.uid, None) is not None:
+            self._gen.remove([job.uid])
+            job.done = True
+
+    def step(self) -> None:
+        """One decode step for every sequence (and one prefill chunk for a waiting prompt)."""
+        now = time.monotonic()
+        for job in [j for j in self.active.values() if now > j.deadline]:
+            self._gen.remove([job.uid])
+            self._finish(job, "length")
+        if not self.active:
+            return
+        _, responses = self._gen.next()
+        for r in responses:
+            found = self.active.get(r.uid)
+            if found is None:
+                continue
+            job = found
+            if r.finish_reason is not None and r.prompt_cache is not None:
+                self.prompt_cache.store(r.all_tokens, r.prompt_cache)
+            if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
+                self._finish(job, "stop")
+                continue
+            job.completion_tokens += 1
+            job.detokenizer.add_token(r.token)
+            self._emit(job, job.detokenizer.last_segment)
+            if job.done:
+                continue
+            if r.finish_reason == "length":
+                self._finish(job, "length")
+        for job in [j for j in self.active.values() if j.sequence_error() is not None]:
+            self._gen.remove([job.uid])
+            self._finish(job, "stop")
+
+    def _emit(self, job: Job, text: str) -> None:
+        assert job.text is not None
+        thinking = job.text.in_think
+        piece = job.text.feed(text) if text else None
+        if thinking or job.text.in_think:
+            job.reasoning_tokens += 1
+        if piece is not None and (piece.content or piece.reasoning):
+            job.send(Delta(piece.content, piece.reasoning))
+        if piece is not None and piece.stopped:
+            kept = self._gen.remove([job.uid], return_prompt_caches=True)
+            if job.uid in kept:
+                cache, tokens = kept[job.uid]
+                self.prompt_cache.store(tokens, cache)
+            self._finish(job, "stop", flush=False)
+
+    def _finish(self, job: Job, reason: str, *, flush: bool = True) -> None:
+        if job.done:
+            return
+        job.done = True
+        self.active.pop(job.uid, None)
+        error = job.sequence_error()
+        if error is not None:
+            log.warning("job.failed", uid=job.uid, error=error)
+            job.send(Failed(GenerationFailed(error)))
+            return
+        if flush:
+            assert job.text is not None
+            job.detokenizer.finalize()
+            tail = job.detokenizer.last_segment
+            piece = job.text.feed(tail) if tail else None
+            rest = job.text.finish()
+            content = (piece.content if piece else "") + rest.content
+            reasoning = (piece.reasoning if piece else "") + rest.reasoning
+            if piece is not None and piece.stopped:
+                reason = "stop"
+            if content or reasoning:
+                job.send(Delta(content, reasoning))
+        job.send(
+            Finished(
+                finish_reason=reason,
+                prompt_tokens=len(job.request.prompt),
+                completion_tokens=job.completion_tokens,
+                cached_tokens=job.cached_tokens,
+                reasoning_tokens=job.reasoning_tokens,
+                stop_sequence=job.text.matched if job.text is not None else None,
+            )
+        )
+
+    def fail_all(self, error: MlxdError) -> None:
+        """End every running job with ``error`` (model switch, shutdown, a broken step)."""
+        if self.active:
+            try:
+                self._gen.remove(list(self.active))
+            except Exception:  # the generator may be broken; it is replaced anyway
+                log.debug("engine.remove_failed")
+        for job in list(self.active.values()):
+            job.done = True
+            job.send(Failed(error))
+        self.active.clear()
+
+
+def _guarded_processor(job: Job, processor: LogitsProcessor) -> LogitsProcessor:
+    """``processor``, except that an exception marks ``job`` failed instead of aborting the
+    whole batch step; the job's logits then pass unchanged until it is removed."""
+
+    def run(tokens: Any, logits: Any) -> Any:
+        if job.error is not None:
+            return logits
+        try:
+            return processor(tokens, logits)
+        except Exception as exc:
+            job.error = f"logits processor failed: {type(exc).__name__}: {exc}"
+            return logits
+
+    return run
+
+
+def _guarded_sampler(job: Job, sampler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``sampler`` with the same containment as :func:`_guarded_processor` (greedy fallback)."""
+    import mlx.core as mx
+
+    def run(logprobs: Any) -> Any:
+        if job.error is None:
+            try:
+                return sampler(logprobs)
+            except Exception as exc:
+                job.error = f"sampler failed: {type(exc).__name__}: {exc}"
+        return mx.argmax(logprobs, axis=-1)
+
+    return run
+
+
+def make_generator(lm: LoadedModel, settings: EngineSettings, sampler: Any) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    eos = [[t] for t in sorted(lm.eos_token_ids)]
+    return BatchGenerator(
+        lm.model,
+        max_tokens=lm.context_length,
+        stop_tokens=eos,
+        sampler=sampler,
+        completion_batch_size=settings.max_batch_size,
+        prefill_batch_size=min(settings.max_batch_size, 8),
+        prefill_step_size=settings.prefill_step_size,
+    )
+
+
+def warm_up(lm: LoadedModel, settings: EngineSettings, temperature: float, top_p: float) -> float:
+    """Run the shapes requests will use once, so no request waits for kernel compilation.
+
+    GPU backends compile kernels on first use (MLX's CUDA backend: seconds per kernel,
+    cached on disk under ``MLX_PTX_CACHE_DIR``, see :mod:`mlxd.backend`). Covered: a
+    short prefill, on a GPU a prefill longer than one ``prefill_step_size`` chunk (a full
+    chunk plus a remainder), batched prefill, decode at every batch size from
+    ``max_batch_size`` down to 1 (prompts finish one step apart), and the sampling paths
+    (greedy, temperature with top-p, repetition penalty). Temperature and top-p are array
+    inputs of the compiled sampler (see :func:`make_sampler`), so any other value reuses
+    the kernel compiled here.
+    """
+    if not settings.warmup:
+        return 0.0
+    import mlx.core as mx
+    from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
+
+    start = time.perf_counter()
+    gen = make_generator(lm, settings, greedy_sampler)
+    vocab = int(lm.config.get("vocab_size", 1000))
+    n = settings.max_batch_size
+    rounds: list[list[list[int]]] = [[list(range(1, 9))]]
+    if mx.default_device().type == mx.gpu:  # on the CPU nothing is compiled per shape
+        rounds.append([list(range(1, settings.prefill_step_size + 38))])
+    rounds.append([list(range(i + 1, i + 4 + i % 8)) for i in range(n)])
+    for prompts in rounds:
+        prompts = [[t % vocab for t in p] for p in prompts]
+        k = len(prompts)
+        samplers: list[Any] = [greedy_sampler] * k
+        processors: list[list[LogitsProcessor]] = [[] for _ in range(k)]
+        if k > 1:
+            samplers[1] = make_sampler(temperature, top_p)
+            processors[-1] = list(make_logits_processors(repetition_penalty=1.1))
+        gen.insert(
+            prompts,
+            max_tokens=[i + 2 for i in range(k)],
+            samplers=samplers,
+            logits_processors=processors,
+        )
+        finished = 0
+        while finished < k:
+            finished += sum(r.finish_reason is not None for r in gen.next_generated())
+    gen.close()
+    return time.perf_counter() - start
+
+
+def make_sampler(
+    temperature: float, top_p: float, seed: int | None = None, top_k: int = 0
+) -> Callable[[Any], Any]:
+    """A temperature/top-p sampler whose parameters are MLX arrays, not Python floats.
+
+    mlx-lm's sampling functions are ``mx.compile``d; a float argument is baked into the
+    compiled kernel, so every new temperature would compile again (about 2 s on CUDA). As
+    arrays, one compiled kernel serves every value. With a seed the sampler keeps its own PRNG
+    key, so the seed reproduces a request even inside a batch. ``top_k`` (0: off; a value
+    at or above the vocabulary size is off too) is an integer of the compiled function, so
+    each distinct value compiles once.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p, categorical_sampling
+
+    temp = mx.array(temperature, dtype=mx.float32)
+    nucleus = mx.array(top_p, dtype=mx.float32)
+    use_top_p = 0 < top_p < 1
+    state = {"key": mx.random.key(seed)} if seed is not None else None
+
+    def sample(logprobs: Any) -> Any:
+        if 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
+        if use_top_p:
+            logprobs = apply_top_p(logprobs, nucleus)
+        if state is None:
+            return categorical_sampling(logprobs, temp)
+        state["key"], sub = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+    return sample

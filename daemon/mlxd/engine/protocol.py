@@ -1,0 +1,149 @@
+"""The engine-client boundary: what the API hands the engine and what it gets back.
+
+Everything here is immutable or owned by one side: a :class:`GenerationRequest` is frozen, the
+events are frozen, :class:`EngineStatus` is a snapshot the engine thread publishes whole. The
+one object both sides hold is the :class:`JobHandle`, and of it the engine thread touches only
+``deliver`` (which hops onto the event loop); everything else belongs to the event loop. So no
+field is ever written by one thread while the other reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MlxdError
+
+if TYPE_CHECKING:
+    from .loader import LoadedModel
+
+LogitsProcessor = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Per-request generation settings, already validated and defaulted by the API layer."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    top_k: int = 0  # 0: off
+    timeout: float = 600.0
+    logits_processors: tuple[LogitsProcessor, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation as the API asks for it: the model it was tokenized for, the prompt ids,
+    the sampling settings and how ``<think>`` text is exposed."""
+
+    model: LoadedModel
+    prompt: list[int]
+    params: GenerationParams
+    reasoning_mode: str = "separate"
+    in_think: bool = False
+
+
+# Events sent from the engine thread to the request ------------------------------------
+@dataclass(frozen=True)
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    #: Decoding steps whose text went to the reasoning channel (inside ``<think>``).
+    reasoning_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: MlxdError
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What the engine looks like now, published whole by the engine thread."""
+
+    state: str = "loading"  # loading | ready | failed | stopped
+    model: LoadedModel | None = None
+    queue_depth: int = 0
+    active: int = 0
+    device: tuple[tuple[str, str], ...] = ()
+    load_error: str | None = None
+    prompt_cache_entries: int = 0
+    prompt_cache_bytes: int = 0
+
+
+class JobHandle:
+    """The API's side of one generation: its event queue and its cancel.
+
+    Made by :meth:`Engine.submit` on the event loop. The engine thread only calls
+    :meth:`deliver`, which hops onto the loop; a cancel is a message to the engine thread.
+    """
+
+    def __init__(
+        self,
+        job_id: int,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        send_cancel: Callable[[int], None],
+    ) -> None:
+        self.id = job_id
+        self.request = request
+        self._loop = loop
+        self._send_cancel = send_cancel
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._get: asyncio.Future[Event] | None = None
+        self._over = False  # a Finished/Failed was read: nothing left to cancel
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.request.params
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    def deliver(self, event: Event) -> None:
+        """Called on the engine thread: queue ``event`` on the event loop."""
+        # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """The client went away (or the request is over): tell the engine to drop the job."""
+        if self._get is not None and not self._get.done():
+            self._get.cancel()
+        if not self._over:
+            self._over = True
+            self._send_cancel(self.id)
+
+    async def next_event(self, timeout: float | None) -> Event | None:
+        """The next event, or None after ``timeout`` seconds (the pending read is kept, so no
+        event is lost to a timeout)."""
+        if self._get is None:
+            self._get = asyncio.ensure_future(self._events.get())
+        done, _ = await asyncio.wait({self._get}, timeout=timeout)
+        if not done:
+            return None
+        event = self._get.result()
+        self._get = None
+        if isinstance(event, Finished | Failed):
+            self._over = True
+        return event
