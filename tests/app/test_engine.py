@@ -325,3 +325,82 @@ def test_failing_sequence_fails_alone(engine: Engine, raises: bool) -> None:
     failed = ends[0][1]
     assert isinstance(failed, Failed) and isinstance(failed.error, GenerationFailed)
     assert ("matcher exploded" if raises else "not allowed by the grammar") in str(failed.error)
+
+
+async def run_staged(
+    engine: Engine, first: GenerationRequest, later: list[GenerationRequest], after: int
+) -> list[tuple[str, Event]]:
+    """Run ``first``; once it has produced ``after`` deltas, submit ``later`` (they join it
+    mid-generation). The content and last event of each, ``first`` first."""
+    job = engine.submit(first)
+    text: list[str] = []
+    others: list[asyncio.Task[tuple[str, Event]]] = []
+    last: Event | None = None
+    async for ev in engine.collect(job):
+        if isinstance(ev, Delta):
+            text.append(ev.content)
+            if len(text) == after:
+                others = [asyncio.ensure_future(run(engine, r)) for r in later]
+        else:
+            last = ev
+    assert last is not None and others, "the first request ended before the others joined"
+    return [("".join(text), last), *[await t for t in others]]
+
+
+def test_greedy_tokens_do_not_depend_on_company(engine: Engine) -> None:
+    """At temperature 0 a request's output is the same alone (fast path), when others join
+    it mid-generation (it moves into the batch), when it becomes the only one left (it
+    leaves the batch again), and when it joins a running batch itself."""
+    long = request(engine, "Write a short story about a lighthouse keeper.", max_tokens=48)
+    short = [request(engine, q, max_tokens=6) for q in ("Name a color.", "Say hi.")]
+
+    async def main() -> None:
+        alone = [await run(engine, r) for r in (long, *short)]
+        # Others join the long one after 4 tokens, finish, and leave it alone again.
+        staged = await run_staged(engine, long, short, after=4)
+        assert [t for t, _ in staged] == [t for t, _ in alone]
+        for (_, a), (_, b) in zip(alone, staged, strict=True):
+            assert isinstance(a, Finished) and isinstance(b, Finished)
+            assert a.completion_tokens == b.completion_tokens
+        # The short ones join a long one that is already in a batch.
+        staged = await run_staged(engine, short[0], [long, short[1]], after=1)
+        assert sorted(t for t, _ in staged) == sorted(t for t, _ in alone)
+
+    asyncio.run(main())
+
+
+def test_stop_string_ends_a_joined_sequence(engine: Engine) -> None:
+    """A stop string ends a sequence the same way on the fast path and inside a batch."""
+    text, _ = asyncio.run(run(engine, request(engine, "Write a short story.", max_tokens=30)))
+    words = text.split()
+    assert len(words) > 6
+    stop = " " + words[5]
+    req = request(engine, "Write a short story.", max_tokens=30, stop=(stop,))
+
+    async def main() -> list[tuple[str, Event]]:
+        alone = await run(engine, req)
+        together = await asyncio.gather(
+            run(engine, req), run(engine, request(engine, "Say hi.", max_tokens=20))
+        )
+        return [alone, together[0]]
+
+    for out, ev in asyncio.run(main()):
+        assert isinstance(ev, Finished) and ev.finish_reason == "stop"
+        assert out == text[: text.index(stop)]
+
+
+def test_cancel_during_a_long_prefill(engine: Engine) -> None:
+    """A job cancelled while its long prompt is being prefilled is dropped (between chunks)
+    and the engine serves the next request."""
+
+    async def main() -> tuple[str, Event]:
+        long = request(engine, "Summarize: " + "the quick brown fox jumps. " * 400)
+        assert len(long.prompt) > 2 * EngineSettings().prefill_step_size
+        job = engine.submit(long)
+        await wait_until(lambda: engine.status().active == 1, "the long prompt to start")
+        job.cancel()
+        await wait_until(lambda: engine.status().active == 0, "the cancel to take effect")
+        return await run(engine, request(engine, "What is the capital of France?"))
+
+    text, last = asyncio.run(main())
+    assert isinstance(last, Finished) and "Paris" in text

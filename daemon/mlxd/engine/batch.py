@@ -25,6 +25,7 @@ from ..logs import get_logger
 from .loader import LoadedModel
 from .promptcache import PromptCache
 from .protocol import Delta, Event, Failed, Finished, GenerationRequest, LogitsProcessor
+from .solo import SoloSequence
 from .textfilter import TextFilter
 
 log = get_logger("mlxd.engine")
@@ -52,6 +53,8 @@ class Job:
     #: First failure inside this sequence's sampler or processors (or its grammar's matcher).
     error: str | None = None
     grammars: list[Any] = field(default_factory=list)
+    sampler: Any = None
+    processors: list[LogitsProcessor] = field(default_factory=list)
 
     def sequence_error(self) -> str | None:
         if self.error is not None:
@@ -63,19 +66,26 @@ class Job:
 
 
 class BatchRunner:
-    """The generations of one model. Every method runs on the engine thread."""
+    """The generations of one model. Every method runs on the engine thread.
+
+    A sequence that is alone runs as a :class:`~mlxd.engine.solo.SoloSequence` (the fast
+    path); a second request moves it into the ``BatchGenerator`` (its cache, tokens and
+    sampler state go along, so no token changes), and when the batch is down to one sequence
+    in decode that one leaves it again.
+    """
 
     def __init__(self, lm: LoadedModel, settings: EngineSettings, prompt_cache: PromptCache):
-        from mlx_lm.generate import StopSequences
         from mlx_lm.sample_utils import greedy_sampler
 
         self.lm = lm
         self.settings = settings
         self.prompt_cache = prompt_cache
         self._greedy = greedy_sampler  # one shared sampler, so greedy rows sample batched
-        self._stops = StopSequences([[t] for t in sorted(lm.eos_token_ids)])
+        self._eos = frozenset(lm.eos_token_ids)
         self._gen = make_generator(lm, settings, greedy_sampler)
-        self.active: dict[int, Job] = {}
+        self.active: dict[int, Job] = {}  # by job id
+        self._by_uid: dict[int, Job] = {}  # the ones inside the BatchGenerator
+        self._solo: tuple[Job, SoloSequence] | None = None
 
     def __len__(self) -> int:
         return len(self.active)
@@ -84,14 +94,21 @@ class BatchRunner:
     def free_slots(self) -> int:
         return self.settings.max_batch_size - len(self.active)
 
+    @property
+    def solo(self) -> bool:
+        """True while one sequence runs on the fast path."""
+        return self._solo is not None
+
     def close(self) -> None:
         self._gen.close()
 
     # -- admission ------------------------------------------------------------------------
     def add(self, job: Job) -> None:
         """Start ``job``; a job whose settings cannot run (a bad seed) fails alone."""
+        from mlx_lm.models.cache import make_prompt_cache
+
         try:
-            sampler, processors = self._sampling(job)
+            job.sampler, job.processors = self._sampling(job)
         except MlxdError as exc:
             job.done = True
             job.send(Failed(exc))
@@ -105,16 +122,73 @@ class BatchRunner:
         prompt = job.request.prompt
         cache, n_cached = self.prompt_cache.lookup(prompt)
         job.cached_tokens = n_cached
+        if not self.active:
+            if cache is None:
+                cache = make_prompt_cache(self.lm.model)
+            solo = SoloSequence(
+                self.lm.model,
+                cache,
+                prompt[:n_cached],
+                prompt[n_cached:],
+                job.sampler,
+                job.processors,
+                self.settings.prefill_step_size,
+            )
+            self.active[job.id] = job
+            self._solo = (job, solo)
+            return
+        self._join_solo()
+        self.active[job.id] = job
+        self._insert(job, prompt[n_cached:], cache, prompt[:n_cached])
+
+    def _insert(self, job: Job, remaining: list[int], cache: Any, tokens: list[int]) -> None:
         (job.uid,) = self._gen.insert(
-            [prompt[n_cached:]],
-            max_tokens=[p.max_tokens],
+            [remaining],
+            max_tokens=[job.request.params.max_tokens - job.completion_tokens],
             caches=[cache] if cache is not None else None,
-            all_tokens=[prompt[:n_cached]],
-            samplers=[sampler],
-            logits_processors=[processors],
-            stop_sequences=[self._stops],
+            all_tokens=[tokens],
+            samplers=[job.sampler],
+            logits_processors=[job.processors],
         )
-        self.active[job.uid] = job
+        self._by_uid[job.uid] = job
+
+    def _join_solo(self) -> None:
+        """Move the fast-path sequence into the batch (a second request arrived)."""
+        if self._solo is None:
+            return
+        job, solo = self._solo
+        self._solo = None
+        prefilling = solo.prefilling
+        cache, tokens, remaining = solo.handoff()
+        if not prefilling:
+            # The pending token was sampled on the fast path: show it now; the batch
+            # feeds it as its last "prompt" token and samples the next one.
+            self._take(job, remaining[0], solo)
+            if job.done:
+                return
+        self._insert(job, remaining, cache, tokens)
+
+    def _leave_batch(self) -> None:
+        """Move the batch's last sequence to the fast path."""
+        if self._solo is not None or len(self.active) != 1:
+            return
+        sole = _sole_generation(self._gen)
+        if sole is None:
+            return
+        uid, cache, tokens, pending = sole
+        job = self._by_uid.pop(uid)
+        self._gen.remove([uid])
+        job.uid = -1
+        solo = SoloSequence.from_batch(
+            self.lm.model,
+            cache,
+            tokens,
+            pending,
+            job.sampler,
+            job.processors,
+            self.settings.prefill_step_size,
+        )
+        self._solo = (job, solo)
 
     def _sampling(self, job: Job) -> tuple[Any, list[LogitsProcessor]]:
         from mlx_lm.sample_utils import make_logits_processors
@@ -135,63 +209,93 @@ class BatchRunner:
     # -- stepping -------------------------------------------------------------------------
     def remove(self, job: Job) -> None:
         """Drop a cancelled job (its client is gone: nothing is sent)."""
-        if self.active.pop(job.uid, None) is not None:
-            self._gen.remove([job.uid])
+        if self.active.pop(job.id, None) is not None:
+            self._detach(job, keep_cache=False)
             job.done = True
 
+    def _detach(self, job: Job, *, keep_cache: bool) -> None:
+        """Take ``job`` out of the fast path or the batch, keeping its KV cache if asked."""
+        if self._solo is not None and self._solo[0] is job:
+            solo = self._solo[1]
+            self._solo = None
+            if keep_cache:
+                self.prompt_cache.store(solo.tokens, solo.cache)
+        elif self._by_uid.pop(job.uid, None) is not None:
+            kept = self._gen.remove([job.uid], return_prompt_caches=keep_cache)
+            if job.uid in kept:
+                self.prompt_cache.store(kept[job.uid][1], kept[job.uid][0])
+
     def step(self) -> None:
-        """One decode step for every sequence (and one prefill chunk for a waiting prompt)."""
+        """One step: on the fast path a prefill chunk or a token; in the batch one decode step
+        for every sequence (and one prefill chunk for waiting prompts)."""
         now = time.monotonic()
         for job in [j for j in self.active.values() if now > j.deadline]:
-            self._gen.remove([job.uid])
             self._finish(job, "length")
-        if not self.active:
+        if self._solo is not None:
+            self._step_solo(*self._solo)
+        elif self._by_uid:
+            self._step_batch()
+        for job in [j for j in self.active.values() if j.sequence_error() is not None]:
+            self._finish(job, "stop")
+        self._leave_batch()
+
+    def _step_solo(self, job: Job, solo: SoloSequence) -> None:
+        if solo.prefilling:
+            solo.prefill_chunk()
             return
+        more = job.completion_tokens + 1 < job.request.params.max_tokens
+        self._take(job, solo.decode(more), solo)
+
+    def _take(self, job: Job, token: int, solo: SoloSequence | None) -> None:
+        """A fast-path token: end of turn, or text, then the token budget."""
+        if token in self._eos:  # an end-of-turn token: not part of the text
+            self._finish(job, "stop")
+            return
+        self._text(job, token)
+        if not job.done and job.completion_tokens >= job.request.params.max_tokens:
+            self._finish(job, "length")
+
+    def _step_batch(self) -> None:
         _, responses = self._gen.next()
         for r in responses:
-            found = self.active.get(r.uid)
+            found = self._by_uid.get(r.uid)
             if found is None:
                 continue
             job = found
-            if r.finish_reason is not None and r.prompt_cache is not None:
-                self.prompt_cache.store(r.all_tokens, r.prompt_cache)
+            if r.finish_reason is not None:
+                self._by_uid.pop(r.uid, None)  # the generator has let it go
+                if r.prompt_cache is not None:
+                    self.prompt_cache.store(r.all_tokens, r.prompt_cache)
             if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
                 self._finish(job, "stop")
                 continue
-            job.completion_tokens += 1
-            job.detokenizer.add_token(r.token)
-            self._emit(job, job.detokenizer.last_segment)
-            if job.done:
-                continue
-            if r.finish_reason == "length":
+            self._text(job, r.token)
+            if not job.done and r.finish_reason == "length":
                 self._finish(job, "length")
-        for job in [j for j in self.active.values() if j.sequence_error() is not None]:
-            self._gen.remove([job.uid])
-            self._finish(job, "stop")
 
-    def _emit(self, job: Job, text: str) -> None:
+    def _text(self, job: Job, token: int) -> None:
         assert job.text is not None
+        job.completion_tokens += 1
+        job.detokenizer.add_token(token)
+        segment = job.detokenizer.last_segment
         thinking = job.text.in_think
-        piece = job.text.feed(text) if text else None
+        piece = job.text.feed(segment) if segment else None
         if thinking or job.text.in_think:
             job.reasoning_tokens += 1
         if piece is not None and (piece.content or piece.reasoning):
             job.send(Delta(piece.content, piece.reasoning))
         if piece is not None and piece.stopped:
-            kept = self._gen.remove([job.uid], return_prompt_caches=True)
-            if job.uid in kept:
-                cache, tokens = kept[job.uid]
-                self.prompt_cache.store(tokens, cache)
             self._finish(job, "stop", flush=False)
 
     def _finish(self, job: Job, reason: str, *, flush: bool = True) -> None:
         if job.done:
             return
         job.done = True
-        self.active.pop(job.uid, None)
+        self.active.pop(job.id, None)
+        self._detach(job, keep_cache=True)
         error = job.sequence_error()
         if error is not None:
-            log.warning("job.failed", uid=job.uid, error=error)
+            log.warning("job.failed", job=job.id, error=error)
             job.send(Failed(GenerationFailed(error)))
             return
         if flush:
@@ -219,15 +323,38 @@ class BatchRunner:
 
     def fail_all(self, error: MlxdError) -> None:
         """End every running job with ``error`` (model switch, shutdown, a broken step)."""
-        if self.active:
+        if self._by_uid:
             try:
-                self._gen.remove(list(self.active))
+                self._gen.remove(list(self._by_uid))
             except Exception:  # the generator may be broken; it is replaced anyway
                 log.debug("engine.remove_failed")
+        self._by_uid.clear()
+        self._solo = None
         for job in list(self.active.values()):
             job.done = True
             job.send(Failed(error))
         self.active.clear()
+
+
+def _sole_generation(gen: Any) -> tuple[int, list[Any], list[int], Any] | None:
+    """The one sequence of ``gen`` if it holds exactly one and it is decoding: its uid, its
+    cache (extracted from the batch), the tokens the cache holds and the token already
+    sampled for it. None otherwise.
+
+    This reads ``BatchGenerator``'s stage containers (mlx-lm 0.32): the public API has no
+    way to take a sequence out together with its sampled-ahead token. If the layout differs
+    (another mlx-lm), the answer is None and the sequence simply stays in the batch.
+    """
+    try:
+        batch = gen._generation_batch
+        if len(batch) != 1 or gen._unprocessed_sequences or len(gen._prompt_batch):
+            return None
+        pending = batch._next_tokens
+        if pending is None or pending.shape != (1,):
+            return None
+        return batch.uids[0], batch.extract_cache(0), list(batch.tokens[0]), pending
+    except (AttributeError, TypeError, IndexError):
+        return None
 
 
 def _guarded_processor(job: Job, processor: LogitsProcessor) -> LogitsProcessor:
