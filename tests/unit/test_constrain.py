@@ -15,6 +15,7 @@ from mlxd.backend import preload_blas
 preload_blas()
 
 import json  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from typing import Any  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -30,6 +31,7 @@ from mlxd.engine.constrain import (  # noqa: E402
     TokenizerInfo,
     compile_json_object,
     compile_json_schema,
+    compile_text,
     compile_tool_call,
     compile_tool_calls,
     tokenizer_info_for,
@@ -372,3 +374,75 @@ def test_tool_schemas_drop_keywords_the_grammar_cannot_enforce(
     assert not accepts(grammar, loaded[1], '{"name": "Read", "arguments": {"env": {}}}')
     with pytest.raises(GrammarUnsupported):
         compile_json_schema(info, params)
+
+
+# --------------------------------------------------------------------------------------------
+# The repeat guard (agent loops)
+# --------------------------------------------------------------------------------------------
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+
+
+def drive(grammar: Grammar, tokenizer: Any, text: str) -> tuple[GrammarProcessor, set[int]]:
+    """Feed ``text`` token by token as mlx-lm does (each token must be allowed); return the
+    processor and the token ids it allows next."""
+    processor = GrammarProcessor(grammar)
+    context = [1, 2, 3]  # a stand-in prompt: the processor only counts it
+    logits = mx.zeros((1, grammar.tokenizer_info.vocab_size))
+    out = processor(mx.array(context), logits)
+    for token in tokenizer.encode(text):
+        assert (out[0, token] > -mx.inf).item(), tokenizer.decode([token])
+        context.append(token)
+        out = processor(mx.array(context), logits)
+    allowed = (out[0] > -mx.inf).tolist()
+    return processor, {i for i, ok in enumerate(allowed) if ok}
+
+
+def test_repeated_parallel_call_ends_the_output(
+    loaded: tuple[nn.Module, Any], info: TokenizerInfo
+) -> None:
+    """A complete call that repeats an earlier call of the same output leaves only EOS (the
+    reader drops it), instead of letting the model repeat it until max_tokens; a different
+    second call may still be followed by a third."""
+    tokenizer = loaded[1]
+    grammar = compile_tool_calls(info, TOOLS, parallel=True, text=True)
+    eos = set(info.eos_token_ids)
+    processor, allowed = drive(grammar, tokenizer, CALL + "\n" + CALL)
+    assert allowed == eos and processor.is_finished() and processor.error is None
+    _, allowed = drive(grammar, tokenizer, CALL + "\n" + CALL.replace("Paris", "Rome"))
+    assert allowed > eos  # "\n" for another call
+
+
+def test_repeat_of_an_answered_call_turns_into_an_answer(
+    loaded: tuple[nn.Module, Any], info: TokenizerInfo
+) -> None:
+    """A call repeating one whose result the prompt holds is followed by a newline, then text
+    that cannot start another call, then EOS as usual; any other call ends normally."""
+    tokenizer = loaded[1]
+    base = compile_tool_calls(info, TOOLS, text=True)
+    grammar = replace(base, answered=frozenset({CALL}), after_repeat=compile_text(info))
+    (newline,) = tokenizer.encode("\n")
+    _, allowed = drive(grammar, tokenizer, CALL)
+    assert allowed == {newline}
+    _, allowed = drive(grammar, tokenizer, CALL + "\n")
+    assert tokenizer.encode("{")[0] not in allowed and tokenizer.encode("The")[0] in allowed
+    assert not allowed & set(info.eos_token_ids)
+    processor, allowed = drive(grammar, tokenizer, CALL + "\nIt is sunny in Paris.")
+    assert set(info.eos_token_ids) <= allowed and processor.is_accepting()
+    _, allowed = drive(grammar, tokenizer, CALL.replace("Paris", "Rome"))
+    assert allowed == set(info.eos_token_ids)
+    _, allowed = drive(grammar, tokenizer, "Paris is sunny.")  # an answer: no guard
+    assert len(allowed) > 1000
+
+
+def test_text_grammar_cannot_start_a_call(
+    loaded: tuple[nn.Module, Any], info: TokenizerInfo
+) -> None:
+    """compile_text (tool_choice none after calls): any text, but not a leading '{' or
+    whitespace, so an earlier call's JSON line cannot be copied as the answer."""
+    tokenizer = loaded[1]
+    grammar = compile_text(info)
+    assert accepts(grammar, tokenizer, "The weather is sunny {really}.\n\nYes.")
+    assert not accepts(grammar, tokenizer, CALL)
+    assert not accepts(grammar, tokenizer, " leading space")
+    assert compile_text(info) is grammar  # cached per tokenizer

@@ -22,13 +22,14 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..engine.constrain import (
     Grammar,
     compile_json_object,
     compile_json_schema,
+    compile_text,
     compile_tool_calls,
     tokenizer_info_for,
 )
@@ -176,6 +177,9 @@ class OutputPlan:
     grammar: Grammar | None = None
     parser: Callable[[str, Any], Any] | None = None
     markers: tuple[str, str] | None = None
+    #: The calls whose results end the prompt (name, arguments as the grammar writes them):
+    #: an exact repeat of one is dropped and followed by an answer (see :meth:`prepare`).
+    answered: tuple[tuple[str, str], ...] = ()
 
     @property
     def calls_possible(self) -> bool:
@@ -191,6 +195,10 @@ class OutputPlan:
     def prepare(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Messages ready for the template: tool calls and results in a form it renders."""
         out = [_native_message(m) for m in messages] if self.native else _plain_messages(messages)
+        if self.grammar is not None and self.grammar.after_repeat is not None:
+            self.answered = answered_calls(messages)
+            lines = frozenset(_call_line(name, args) for name, args in self.answered)
+            self.grammar = replace(self.grammar, answered=lines)
         note = self._note()
         if note:
             if out and out[0]["role"] == "system":
@@ -253,11 +261,15 @@ def plan_output(
         start, end = tokenizer.tool_call_start, tokenizer.tool_call_end
         plan.markers = (start, end)
         plan.parser = tokenizer.tool_parser
-    if mode == "none" and fmt is None:
-        return plan
-    if native and mode == "auto" and fmt is None:
+    if native and mode in ("none", "auto") and fmt is None:
         return plan  # the model's own format, read back with mlx-lm's parser
+    if mode == "none" and fmt is None and not functions:
+        return plan
     info = tokenizer_info_for(tokenizer)
+    if mode == "none" and fmt is None:
+        # Earlier calls are shown to this model as JSON lines; it would copy one as text.
+        plan.grammar = compile_text(info)
+        return plan
     if mode == "none":
         assert fmt is not None
         if fmt.schema is None:
@@ -279,7 +291,43 @@ def plan_output(
         text_strict=fmt.strict if fmt is not None else True,
         strict=strict,
     )
+    if mode == "auto" and fmt is None:
+        plan.grammar = replace(plan.grammar, after_repeat=compile_text(info))
     return plan
+
+
+def answered_calls(messages: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """The calls of the last assistant turn whose results end ``messages``, as ``(name,
+    arguments)`` with the arguments re-serialized the way mlxd's grammar writes them.
+
+    A small model shown a tool result tends to call the same tool with the same arguments
+    again, and an agent loop then never ends; these are the calls that would be exact
+    repeats. Arguments that are not JSON cannot be repeated by the grammar and are skipped.
+    """
+    results: set[str] = set()
+    i = len(messages)
+    while i and messages[i - 1].get("role") in ("tool", "function"):
+        i -= 1
+        results.add(str(messages[i].get("tool_call_id")))
+    if not results or not i or messages[i - 1].get("role") != "assistant":
+        return ()
+    out = []
+    for call in messages[i - 1].get("tool_calls") or []:
+        fn = call.get("function") or {}
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                continue
+        if isinstance(fn.get("name"), str) and isinstance(args, dict):
+            out.append((fn["name"], json.dumps(args, ensure_ascii=False)))
+    return tuple(out)
+
+
+def _call_line(name: str, arguments: str) -> str:
+    """One call in mlxd's format, exactly as the grammar writes it."""
+    return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments}}}'
 
 
 def _native_message(m: dict[str, Any]) -> dict[str, Any]:
@@ -370,8 +418,10 @@ class OutputReader:
     the start of a call they are held back; then it is either text (passed through) or a
     sequence of calls whose arguments stream as they are generated. A call that repeats an
     earlier one of the same output exactly is dropped (small models given
-    ``parallel_tool_calls`` tend to repeat their first call): it is held back while it still
-    matches an earlier call, and released as soon as it differs. Native formats: text
+    ``parallel_tool_calls`` tend to repeat their first call), and so is one that repeats a
+    call whose result the prompt already holds (:attr:`OutputPlan.answered`; text may
+    follow it): it is held back while it still matches, and released as soon as it
+    differs. Native formats: text
     until the model's call-start marker, then the call text is buffered until the end
     marker and parsed with mlx-lm's parser for the model.
     """
@@ -388,6 +438,9 @@ class OutputReader:
         self._native = plan.native and plan.grammar is None and plan.calls_possible
         self._heads = [f'{{"name": {json.dumps(f["name"])}, "arguments": ' for f in plan.functions]
         self._held: Call | None = None  # a call that so far repeats an earlier one
+        # Calls whose results the prompt holds: repeating one is dropped like an in-output
+        # repeat (the grammar then has the model answer in text).
+        self._answered = [Call(-1, n, id="", arguments=a) for n, a in plan.answered]
 
     def feed(self, content: str) -> list[ReadEvent]:
         if not content:
@@ -403,7 +456,7 @@ class OutputReader:
         if self._native:
             return self._native_drain(final=True)
         events: list[ReadEvent] = []
-        if self._state == "start" and self._buf:
+        if self._state in ("start", "between") and self._buf:
             events.append(self._to_text())
         return events
 
@@ -425,9 +478,9 @@ class OutputReader:
                     self._buf = stripped
                 m = _CALL_HEAD.match(self._buf)
                 if m is None:
-                    if self._state == "start" and not any(
-                        h.startswith(self._buf) for h in self._heads
-                    ):
+                    # Text after calls: the answer written after a dropped repeat of an
+                    # answered call (the grammar allows it nowhere else).
+                    if not any(h.startswith(self._buf) for h in self._heads):
                         events.append(self._to_text())
                     break  # a call head still arriving
                 name = json.loads(f'"{m.group(1)}"')
@@ -462,7 +515,7 @@ class OutputReader:
         held = self._held
         assert held is not None
         complete = self._state == "close"
-        for c in self.calls:
+        for c in (*self._answered, *self.calls):
             if c.name == held.name and (
                 c.arguments == held.arguments
                 if complete

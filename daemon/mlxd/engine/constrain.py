@@ -201,11 +201,20 @@ class Grammar:
     recompiling (~1 ms or more). ``warnings`` are llguidance's non-fatal remarks, for logs.
     """
 
-    kind: str  # "json_schema" | "json_object" | "tool_call"
+    kind: str  # "json_schema" | "json_object" | "tool_call" | "text"
     tokenizer_info: TokenizerInfo
     source: str  # the llguidance grammar (JSON), for logs and debugging
     template: LLMatcher = field(repr=False)
     warnings: tuple[str, ...] = ()
+    #: Repeat guard (one call per line, mlxd's call format; see :class:`GrammarProcessor`):
+    #: end the output once a complete line repeats an earlier line of it.
+    stop_on_repeat: bool = False
+    #: Calls whose results the prompt already holds, as the exact lines the grammar writes.
+    #: A complete line equal to one of them is followed by a newline and then
+    #: ``after_repeat`` (an answer as text) instead of the call grammar; without
+    #: ``after_repeat`` the output ends there.
+    answered: frozenset[str] = frozenset()
+    after_repeat: Grammar | None = field(default=None, repr=False)
 
     def new_matcher(self) -> LLMatcher:
         """A fresh matcher at the start of the grammar."""
@@ -235,6 +244,31 @@ def compile_json_schema(
 def compile_json_object(tokenizer_info: TokenizerInfo) -> Grammar:
     """Compile ``response_format: {"type": "json_object"}``: any single JSON object."""
     return _compile(tokenizer_info, {"type": "object"}, kind="json_object")
+
+
+#: Free text that cannot be read as the start of a call in mlxd's format (a reader tells the
+#: two apart from the first character): the ``text`` alternative of :func:`compile_tool_calls`.
+_TEXT_RULE: Final = "TEXT: /[^{\\s][\\s\\S]*/"
+
+
+def compile_text(tokenizer_info: TokenizerInfo) -> Grammar:
+    """Free text that does not start with ``{`` or whitespace.
+
+    For ``tool_choice: "none"`` on a model mlxd shows calls to as JSON lines: a small model
+    otherwise copies an earlier call's line as its answer. Cached per tokenizer.
+    """
+    with _info_lock:
+        cached = _text_grammars.get(tokenizer_info)
+    if cached is not None:
+        return cached
+    lark = f"start: TEXT\n{_TEXT_RULE}"
+    grammar = _compile_source(tokenizer_info, LLMatcher.grammar_from_lark(lark), kind="text")
+    with _info_lock:
+        _text_grammars[tokenizer_info] = grammar
+    return grammar
+
+
+_text_grammars: weakref.WeakKeyDictionary[TokenizerInfo, Grammar] = weakref.WeakKeyDictionary()
 
 
 def compile_tool_call(
@@ -367,10 +401,13 @@ def _compile_tool_calls(
         alternatives.append("answer")
     elif text:
         rules.append("answer: TEXT")
-        rules.append("TEXT: /[^{\\s][\\s\\S]*/")
+        rules.append(_TEXT_RULE)
         alternatives.append("answer")
     lark = "\n".join([f"start: {' | '.join(alternatives)}", *rules])
-    return _compile_source(tokenizer_info, LLMatcher.grammar_from_lark(lark), kind="tool_call")
+    grammar = _compile_source(tokenizer_info, LLMatcher.grammar_from_lark(lark), kind="tool_call")
+    # Small models given several calls repeat their first one until max_tokens; the reader
+    # drops such a repeat, and the processor ends the output once one is complete.
+    return replace(grammar, stop_on_repeat=parallel)
 
 
 def _tool_call_schema(
@@ -626,6 +663,13 @@ class GrammarProcessor:
         self._eos_consumed = False
         self._error: str | None = None
         self._eos_only: dict[int, mx.array] = {}  # logits width -> EOS-only boolean mask
+        # The repeat guard: the output's complete lines so far and the line being written.
+        self._guard = grammar.stop_on_repeat or bool(grammar.answered)
+        self._answered = {line.encode() for line in grammar.answered}
+        self._lines: set[bytes] = set()
+        self._line = b""
+        self._force: str | None = None  # "eos" | "newline": the guard decided the next token
+        self._newline_only: dict[int, mx.array] = {}
 
     # -- state ----------------------------------------------------------------------------
 
@@ -639,13 +683,13 @@ class GrammarProcessor:
         (or EOS was consumed after a complete match): only EOS may follow."""
         if self._error is not None:
             return False
-        return self._eos_consumed or self._matcher.is_stopped()
+        return self._eos_consumed or self._force == "eos" or self._matcher.is_stopped()
 
     def is_accepting(self) -> bool:
         """True when the tokens fed so far form a complete match (EOS would be allowed)."""
         if self._error is not None:
             return False
-        return self._eos_consumed or self._matcher.is_accepting()
+        return self._eos_consumed or self._force == "eos" or self._matcher.is_accepting()
 
     def advance(self, token_ids: Iterable[int]) -> None:
         """Feed generated tokens to the matcher (done automatically by ``__call__``)."""
@@ -654,13 +698,68 @@ class GrammarProcessor:
                 return
             token = int(token)
             if token in self._eos:
-                if self._matcher.is_accepting():
+                if self._force == "eos" or self._matcher.is_accepting():
                     self._eos_consumed = True
                 else:
                     self._error = "end of sequence before the output matched the grammar"
                 return
+            if self._force == "newline":  # the newline the guard asked for: now the answer
+                self._start_answer()
+                continue
             if not self._matcher.consume_token(token):
                 self._error = _first_line(self._matcher.get_error()) or "token rejected"
+            elif self._guard:
+                self._watch(token)
+
+    # -- the repeat guard -----------------------------------------------------------------
+
+    def _watch(self, token: int) -> None:
+        """Follow the output line by line (one call per line) and decide the next token
+        when a complete line repeats an earlier one or an answered call.
+
+        A repeat of an earlier line of this output ends it (EOS; the reader drops the
+        repeat). A repeat of a call whose result the prompt already holds is followed by a
+        newline and then an answer in text (``Grammar.after_repeat``): the reader drops
+        the repeat, and the model writes its answer having "seen" the call once more. When
+        the newline arrived inside the token that closed the line, the answer starts at
+        once.
+        """
+        piece = self.grammar.tokenizer_info.ll.decode_bytes([token])
+        if not self._lines and not self._line and not piece.startswith(b"{"):
+            self._guard = False  # the output is an answer, not calls
+            return
+        *done, self._line = (self._line + piece).split(b"\n")
+        for i, line in enumerate(done):
+            last = i == len(done) - 1
+            if line in self._answered and self.grammar.after_repeat is not None:
+                if last and not self._line:
+                    self._start_answer()
+                    return
+                self._force = "eos"
+            elif line in self._answered or (self.grammar.stop_on_repeat and line in self._lines):
+                self._force = "eos"
+            self._lines.add(line)
+        if self._force is not None or not self._line.endswith(b"}"):
+            return
+        if not self._matcher.is_accepting():
+            return
+        line = self._line
+        if line in self._answered and self.grammar.after_repeat is not None:
+            self._force = "newline" if self._newline_token() is not None else "eos"
+        elif line in self._answered or (self.grammar.stop_on_repeat and line in self._lines):
+            self._force = "eos"
+
+    def _start_answer(self) -> None:
+        assert self.grammar.after_repeat is not None
+        self._matcher = self.grammar.after_repeat.new_matcher()
+        self._force = None
+        self._guard = False
+        self._line = b""
+
+    def _newline_token(self) -> int | None:
+        """The tokenizer's single token for ``"\\n"``, or None when it has none."""
+        ids = self.grammar.tokenizer_info.ll.tokenize_str("\n")
+        return int(ids[0]) if len(ids) == 1 else None
 
     # -- the mlx-lm hook ------------------------------------------------------------------
 
@@ -677,8 +776,10 @@ class GrammarProcessor:
             self._seen = n  # context did not grow (not expected); feed nothing
 
         width = int(logits.shape[-1])
-        if self._error is not None or self._eos_consumed:
+        if self._error is not None or self._eos_consumed or self._force == "eos":
             allowed = self._eos_only_mask(width)
+        elif self._force == "newline":
+            allowed = self._newline_mask(width)
         else:
             fill_next_token_bitmask(self._matcher, self._bitmask)
             if self._matcher.is_error():
@@ -699,6 +800,16 @@ class GrammarProcessor:
         elif width < bits.shape[0]:
             bits = bits[:width]
         return mx.array(bits.astype(np.bool_))
+
+    def _newline_mask(self, width: int) -> mx.array:
+        mask = self._newline_only.get(width)
+        if mask is None:
+            bits = np.zeros(width, dtype=np.bool_)
+            token = self._newline_token()
+            assert token is not None  # checked before the guard asks for a newline
+            bits[token] = True
+            mask = self._newline_only[width] = mx.array(bits)
+        return mask
 
     def _eos_only_mask(self, width: int) -> mx.array:
         mask = self._eos_only.get(width)
