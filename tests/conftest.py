@@ -20,9 +20,10 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2 as httpx
 import openai
@@ -59,6 +60,22 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, *, interval: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy and return that; fail naming ``what``
+    after ``timeout`` seconds (a generous bound for what is waited for, never a speed claim)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 def run_command(
@@ -107,6 +124,20 @@ class Daemon(harness.Daemon):
     def http(self, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", 30.0)
         return httpx.Client(base_url=self.base_url, **kwargs)
+
+    def wait_load_failed(self, timeout: float = 60.0) -> httpx.Response:
+        """The /health response once it reports the model load as failed; the daemon must
+        stay up meanwhile (a failed load is not a reason to exit)."""
+
+        def failed() -> httpx.Response | None:
+            assert self.process.poll() is None, self.stderr_tail()
+            try:
+                resp = httpx.get(f"{self.base_url}/health", timeout=2)
+            except httpx.HTTPError:
+                return None
+            return resp if resp.json().get("status") == "failed" else None
+
+        return wait_until(failed, timeout, "/health to report the failed model load", interval=0.2)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         return int(super().stop(sig, timeout) or 0)

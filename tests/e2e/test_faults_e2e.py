@@ -16,7 +16,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from conftest import Daemon, running_daemon, spawn_daemon
+from conftest import Daemon, running_daemon, spawn_daemon, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,15 +28,6 @@ def has_responses_api(d: Daemon) -> bool:
     with d.http() as http:
         resp = http.get("/v1/responses/resp_probe")
     return not (resp.status_code == 404 and "no route" in resp.text)
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from typing import Any
 
 import httpx2 as httpx
 import pytest
 
-from conftest import Daemon, assert_openai_error
+from conftest import Daemon, assert_openai_error, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -127,16 +126,16 @@ def test_abandoned_non_streaming_request_still_logs_request_completed(
     body = {"messages": MSG, "max_tokens": 2000, "temperature": 1.0}
     with shared_daemon.http(timeout=1.5) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": rid})
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        lines = [
+    lines = wait_until(
+        lambda: [
             e
             for e in shared_daemon.log_events()
             if e.get("event") == "request.completed" and e.get("request_id") == rid
-        ]
-        if lines:
-            break
-        time.sleep(0.5)
+        ],
+        90,
+        f"the request.completed line of {rid}",
+        interval=0.5,
+    )
     assert len(lines) == 1, lines
     assert lines[0]["status"] == 499
     assert lines[0]["error"] == "client_disconnected"

@@ -16,7 +16,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import Daemon, assert_openai_error, running_daemon
+from conftest import Daemon, assert_openai_error, running_daemon, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -167,12 +167,12 @@ def first_text(lines: Iterator[str]) -> str:
 
 
 def _wait_for(http: httpx.Client, key: str, value: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http.get("/health").json()[key] == value:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"/health {key} never reached {value}")
+    wait_until(
+        lambda: http.get("/health").json()[key] == value,
+        timeout,
+        f"/health {key} to reach {value}",
+        interval=0.05,
+    )
 
 
 def test_full_queue_is_503_with_retry_after(single_slot: Daemon) -> None:

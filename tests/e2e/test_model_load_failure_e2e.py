@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 import pytest
 
@@ -14,21 +13,10 @@ from conftest import Daemon
 
 
 def wait_for_failure(d: Daemon, timeout: float = 60) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert d.process.poll() is None, d.stderr_tail()
-        try:
-            resp = httpx.get(f"{d.base_url}/health", timeout=2)
-        except httpx.HTTPError:
-            time.sleep(0.2)
-            continue
-        body = resp.json()
-        if body.get("status") == "failed":
-            assert resp.status_code == 503
-            assert resp.headers.get("Retry-After")
-            return dict(body)
-        time.sleep(0.2)
-    raise TimeoutError(d.stderr_tail())
+    resp = d.wait_load_failed(timeout)
+    assert resp.status_code == 503
+    assert resp.headers.get("Retry-After")
+    return dict(resp.json())
 
 
 @pytest.mark.parametrize("kind", ["missing-dir", "corrupt-gguf"])

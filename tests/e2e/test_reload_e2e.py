@@ -15,7 +15,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import Daemon, free_port, run_mlxd, spawn_daemon
+from conftest import Daemon, free_port, run_mlxd, spawn_daemon, wait_until
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
@@ -61,24 +61,13 @@ def events(d: Daemon) -> list[dict[str, Any]]:
     return out
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def wait_event(d: Daemon, name: str, after: int, timeout: float = 20.0) -> dict[str, Any]:
     """The first ``name`` event among log lines after index ``after``."""
 
     def find() -> dict[str, Any] | None:
         return next((e for e in events(d)[after:] if e["event"] == name), None)
 
-    return dict(wait_for(find, timeout, f"{name} in the log"))
+    return dict(wait_until(find, timeout, f"{name} in the log"))
 
 
 def model_ids(d: Daemon) -> list[str]:
@@ -143,7 +132,7 @@ def test_model_switch_rejections_and_sighup(
         write_config(d.config_path, second)
         time.sleep(1.0)
         during.append(pool.submit(answer_or_clear_error, plain))
-        wait_for(lambda: model_ids(d) == ["second-model"], 40, "/v1/models to list second-model")
+        wait_until(lambda: model_ids(d) == ["second-model"], 40, "/v1/models to list second-model")
         switch_seconds = time.monotonic() - started
         outcomes = [f.result(timeout=60) for f in during]
     print(f"model switch took {switch_seconds:.1f}s; outcomes during it: {outcomes}")

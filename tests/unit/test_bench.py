@@ -1,28 +1,13 @@
-"""``bin/bench`` (``python -m mlxd.bench``): output shape and process hygiene, never timings."""
+"""``bin/bench``'s parts that need no server: SSE parsing, ratio pairing, the prefill text.
+(tests/e2e/test_bench_e2e.py runs the bench itself.)"""
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import pytest
 
 from mlxd.bench.client import sse_frames
 from mlxd.bench.results import INPROCESS, MLXD, REFERENCE, Results, format_table
 from mlxd.bench.workload import prefill_text
-
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = [sys.executable, "-m", "mlxd.bench"]
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
 
 
 class _Lines(io.BytesIO):
@@ -55,103 +40,3 @@ def test_prefill_text_grows_with_the_target() -> None:
     """The prefill document is deterministic and longer for a larger token target."""
     assert prefill_text(1000) == prefill_text(1000)
     assert len(prefill_text(1000)) > 5 * len(prefill_text(100))
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(420)
-def test_quick_bench_against_both_servers(tmp_path: Path) -> None:
-    """``--quick`` starts mlxd and mlx_lm.server, measures every suite on both and the
-    in-process run, prints one JSON line per measurement, a ratio table, and an --out doc."""
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [*BENCH, "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(ln) for ln in done.stdout.splitlines()]
-    assert all({"server", "metric", "value", "unit"} <= set(r) for r in lines)
-    setups = {r["server"]: r["info"] for r in lines if r["metric"] == "setup"}
-    assert set(setups) == {MLXD, REFERENCE, INPROCESS}
-    assert setups[MLXD]["blas"] and setups[REFERENCE]["blas"]
-    assert setups[REFERENCE]["weights"].startswith("quantized")
-
-    measured = {(r["server"], r["metric"]) for r in lines if r["value"] is not None}
-    per_server = {
-        "ttft_ms",
-        "decode_tokens_per_s",
-        "prefill_tokens_per_s",
-        "aggregate_tokens_per_s",
-        "worst_ttft_ms",
-        "turn_ttft_ms",
-    }
-    for server in (MLXD, REFERENCE):
-        assert {(server, m) for m in per_server} <= measured
-    assert {
-        (INPROCESS, m) for m in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s")
-    } <= measured
-    values = [r for r in lines if r["value"] is not None and r["metric"] != "setup"]
-    assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in values)
-    assert {r["concurrency"] for r in values if r["metric"] == "aggregate_tokens_per_s"} == {1, 2}
-    turns = {
-        (r["server"], r.get("mode"), r["turn"])
-        for r in lines
-        if r["metric"] == "turn_ttft_ms" and r["value"] is not None
-    }
-    assert {(s, "chat", t) for s in (MLXD, REFERENCE) for t in (1, 2, 3)} <= turns
-    responses = [r for r in lines if r.get("mode") == "responses"]
-    # /v1/responses is mlxd-only: measured per turn, or one line saying why it was skipped.
-    assert {r["server"] for r in responses} == {MLXD}
-    assert len(responses) == 3 or responses[0]["skipped"]
-
-    assert "ratio = mlxd / other" in done.stderr
-    doc = json.loads(out.read_text())
-    assert set(doc) >= {"setup", "workload", "results", "ratios", "notes"}
-    assert {r["versus"] for r in doc["ratios"]} == {REFERENCE, INPROCESS}
-    assert len(doc["results"]) == len(lines) - len(setups)
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(x) for x in path.read_text().split()] if path.exists() else []
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_sigterm_stops_the_servers(tmp_path: Path) -> None:
-    """SIGTERM to the bench mid-run stops the server it started; nothing is left behind."""
-    err = tmp_path / "stderr.txt"
-    with err.open("wb") as stderr:
-        bench = subprocess.Popen(
-            [*BENCH, "--quick", "--no-reference", "--skip", "inprocess"],
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while "single stream" not in err.read_text() and time.monotonic() < deadline:
-            assert bench.poll() is None, err.read_text()[-2000:]
-            time.sleep(0.2)
-        children = _children(bench.pid)
-        assert children, "the bench should have started mlxd"
-        bench.send_signal(signal.SIGTERM)
-        assert bench.wait(60) != 0
-        for pid in children:
-            assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait(10)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
