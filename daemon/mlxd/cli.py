@@ -168,8 +168,11 @@ def _export_model(settings: Settings, out: Path, dtype: str) -> int:
 
 
 def _serve(settings: Settings, path: Path | None, argv: list[str]) -> int:
+    from .fdlimit import import_mlx_lm_keeping_limit
     from .filemodes import restrict_new_files, secure_state
     from .logs import get_logger, setup_logging
+
+    import_mlx_lm_keeping_limit()  # before anything imports it (see mlxd.fdlimit)
     from .service import Service
 
     restrict_new_files()  # conversations and logs are the user's alone (before any file opens)

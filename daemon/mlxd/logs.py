@@ -90,11 +90,8 @@ def setup_logging(
         ],
     )
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, _HANDLER_TAG, False):
-            root.removeHandler(handler)
-            handler.close()
-
+    # The new handlers are built first: if the file cannot be opened (OSError), the old
+    # ones keep logging (a reload that drops them would leave the daemon silent).
     handlers: list[logging.Handler] = []
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +130,10 @@ def setup_logging(
             # forever with a copy of the log. Keep only warnings and errors there.
             stream.setLevel(logging.WARNING)
         handlers.append(stream)
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_TAG, False):
+            root.removeHandler(handler)
+            handler.close()
     for handler in handlers:
         setattr(handler, _HANDLER_TAG, True)
         root.addHandler(handler)

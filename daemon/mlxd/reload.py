@@ -22,25 +22,34 @@ writing a temporary file and renaming it over the original) and SIGHUP (also re-
      ``[engine]`` goes to ``Engine.retune`` (batch size and prefill step apply from the next
      model load); ``[logging]`` re-levels or re-opens the log.
 
-Outcome: ``config.reloaded`` with the changed key paths, and ``state.last_reload`` (shown by
+Everything a restart needs is checked *before* the daemon stops: the new address can be
+bound, the state directory, database and archive directories can be written, the log file
+can be opened. A reload that fails any check is rejected and the running daemon carries on
+(a re-executed process that cannot start would exit, and 78 is final for service managers).
+
+Outcome: ``config.reloaded`` with the changed key paths, and ``last_reload`` (shown by
 ``/health``) = ``{"at", "ok", "changed", "error"}``.
+
+Ownership: the service owns one :class:`Reloader` and hands it two narrow callables,
+``apply`` (put a validated new configuration into effect; the service knows the engine and
+the app state) and ``restart`` (stop in order and re-execute). This module imports nothing
+of the service, and keeps no module-level state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
-import weakref
+import tempfile
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import ConfigError, Settings, load_settings
-from .logs import get_logger, set_level, setup_logging
-
-if TYPE_CHECKING:
-    from .service import Service
+from .logs import get_logger
 
 log = get_logger("mlxd.reload")
 
@@ -69,49 +78,10 @@ WATCH_STEP_MS = 250
 #: Longest time (ms) events are grouped while the file keeps changing.
 WATCH_DEBOUNCE_MS = 1600
 
-_locks: weakref.WeakKeyDictionary[Service, asyncio.Lock] = weakref.WeakKeyDictionary()
-_pending: set[asyncio.Task[Any]] = set()
-
-
-def request(service: Service, trigger: str = "signal") -> None:
-    """Schedule a reload now (SIGHUP handler; must not block, so it only creates a task)."""
-    log.info("config.reload_requested", trigger=trigger)
-    task = asyncio.get_running_loop().create_task(reload_now(service, trigger=trigger))
-    _pending.add(task)  # keep a reference until done (the loop only holds weak ones)
-    task.add_done_callback(_pending.discard)
-
-
-async def watch(service: Service) -> None:
-    """Reload whenever the config file changes, until the shutdown event is set."""
-    from watchfiles import Change, awatch
-
-    path = service.config_path
-    if path is None:
-        log.info("config.watch_disabled", reason="no config file; defaults and environment only")
-        return
-    path = path.absolute()
-    name = path.name
-
-    def only_config(_change: Change, changed: str) -> bool:
-        return Path(changed).name == name
-
-    # watchfiles logs "N changes detected" at info; config.reloaded/unchanged says more.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    log.debug("config.watching", path=str(path))
-    try:
-        async for _changes in awatch(
-            path.parent,
-            watch_filter=only_config,
-            debounce=WATCH_DEBOUNCE_MS,
-            step=WATCH_STEP_MS,
-            stop_event=service.shutdown,
-            recursive=False,
-        ):
-            if service.shutdown.is_set():
-                break
-            await reload_now(service, trigger="file")
-    except (OSError, RuntimeError) as exc:  # e.g. the directory vanished
-        log.error("config.watch_failed", path=str(path), error=str(exc))
+#: ``apply(new, changed, api_keys)``: put ``new`` into effect; None, or why it could not be.
+Apply = Callable[[Settings, list[str], list[str]], Awaitable[str | None]]
+#: ``restart(keys)``: an orderly shutdown, then the process re-executes itself.
+Restart = Callable[[list[str]], None]
 
 
 def diff(old: Settings, new: Settings) -> list[str]:
@@ -125,134 +95,198 @@ def diff(old: Settings, new: Settings) -> list[str]:
     )
 
 
-def _lock(service: Service) -> asyncio.Lock:
-    lock = _locks.get(service)
-    if lock is None:
-        lock = _locks[service] = asyncio.Lock()
-    return lock
-
-
-def _rebuild(path: Path | None) -> tuple[Settings, list[str]]:
+def rebuild(path: Path | None) -> tuple[Settings, list[str]]:
     """Read and validate the file and the API key file (blocking; runs in a worker thread)."""
     settings = load_settings(path)
     return settings, settings.api_keys()
 
 
-def _record(service: Service, ok: bool, changed: list[str], error: str | None) -> None:
-    service.state.last_reload = {
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "ok": ok,
-        "changed": changed,
-        "error": error,
-    }
+class Reloader:
+    """One reload at a time: rebuild, diff, check, then ``apply`` or ``restart``."""
+
+    def __init__(
+        self,
+        config_path: Path | None,
+        settings: Settings,
+        api_keys: list[str],
+        shutdown: asyncio.Event,
+        *,
+        apply: Apply,
+        restart: Restart,
+        record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.settings = settings  # the configuration in effect
+        self.api_keys = api_keys
+        self.shutdown = shutdown
+        self.last_reload: dict[str, Any] | None = None
+        self._apply = apply
+        self._restart = restart
+        self._on_record = record
+        self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    def request(self, trigger: str = "signal") -> None:
+        """Schedule a reload now (the SIGHUP handler: it must not block, so it makes a task)."""
+        log.info("config.reload_requested", trigger=trigger)
+        task = asyncio.get_running_loop().create_task(self.reload_now(trigger=trigger))
+        self._pending.add(task)  # the loop only keeps weak references to tasks
+        task.add_done_callback(self._pending.discard)
+
+    async def watch(self) -> None:
+        """Reload whenever the config file changes, until the shutdown event is set."""
+        from watchfiles import Change, awatch
+
+        path = self.config_path
+        if path is None:
+            log.info(
+                "config.watch_disabled", reason="no config file; defaults and environment only"
+            )
+            return
+        path = path.absolute()
+        name = path.name
+
+        def only_config(_change: Change, changed: str) -> bool:
+            return Path(changed).name == name
+
+        # watchfiles logs "N changes detected" at info; config.reloaded/unchanged says more.
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
+        log.debug("config.watching", path=str(path))
+        try:
+            async for _changes in awatch(
+                path.parent,
+                watch_filter=only_config,
+                debounce=WATCH_DEBOUNCE_MS,
+                step=WATCH_STEP_MS,
+                stop_event=self.shutdown,
+                recursive=False,
+            ):
+                if self.shutdown.is_set():
+                    break
+                await self.reload_now(trigger="file")
+        except (OSError, RuntimeError) as exc:  # e.g. the directory vanished
+            log.error("config.watch_failed", path=str(path), error=str(exc))
+
+    async def reload_now(self, *, trigger: str = "signal") -> bool:
+        """Run one reload; True when a new configuration is in effect (or nothing changed)."""
+        async with self._lock:
+            try:
+                return await self._reload(trigger)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here must not take the watcher (or daemon) down
+                log.exception("config.reload_failed", trigger=trigger, error=str(exc))
+                self._record(False, [], f"{type(exc).__name__}: {exc}")
+                return False
+
+    async def _reload(self, trigger: str) -> bool:
+        if self.shutdown.is_set():
+            return False
+        old = self.settings
+        try:
+            new, api_keys = await asyncio.to_thread(rebuild, self.config_path)
+        except ConfigError as exc:
+            return self._reject(trigger, str(exc))
+        changed = diff(old, new)
+        if api_keys != self.api_keys and "security.api_keys" not in changed:
+            changed.append("security.api_key_file")  # the key file's contents changed
+        if not changed:
+            # A save without edits, or SIGHUP with nothing new: say so, keep last_reload.
+            level = "info" if trigger == "signal" else "debug"
+            getattr(log, level)("config.unchanged", trigger=trigger)
+            return True
+        problem = await asyncio.to_thread(preflight, new, changed)
+        if problem is not None:
+            return self._reject(trigger, problem, changed)
+        restart = sorted(RESTART_KEYS.intersection(changed))
+        if restart:
+            log.info("config.reloaded", trigger=trigger, changed=changed, restart=True)
+            self._record(True, changed, None)
+            self._restart(restart)
+            return True
+        error = await self._apply(new, changed, api_keys)
+        if error is not None:
+            return self._reject(trigger, error, changed)
+        self.settings, self.api_keys = new, api_keys
+        log.info("config.reloaded", trigger=trigger, changed=changed)
+        self._record(True, changed, None)
+        return True
+
+    def _record(self, ok: bool, changed: list[str], error: str | None) -> None:
+        self.last_reload = {
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ok": ok,
+            "changed": changed,
+            "error": error,
+        }
+        if self._on_record is not None:
+            self._on_record(self.last_reload)
+
+    def _reject(self, trigger: str, error: str, changed: list[str] | None = None) -> bool:
+        log.error("config.reload_rejected", trigger=trigger, error=error, changed=changed or [])
+        self._record(False, changed or [], error)
+        return False
 
 
-def _reject(service: Service, trigger: str, error: str, changed: list[str] | None = None) -> None:
-    log.error("config.reload_rejected", trigger=trigger, error=error, changed=changed or [])
-    _record(service, False, changed or [], error)
+# -- checks before anything changes ------------------------------------------------------------
+def preflight(new: Settings, changed: list[str]) -> str | None:
+    """Why ``new`` cannot be put into effect (blocking checks), or None."""
+    keys = set(changed)
+    if keys & {"server.host", "server.port"}:
+        same_port = "server.port" not in keys
+        problem = bind_problem(new.server.host, new.server.port, same_port=same_port)
+        if problem is not None:
+            return problem
+    if keys & {"server.state_dir", "conversations.database", "conversations.archive_dir"}:
+        for key, directory in (
+            ("server.state_dir", new.state_dir()),
+            ("conversations.database", new.database_path().parent),
+            ("conversations.archive_dir", new.archive_path()),
+        ):
+            problem = _dir_problem(key, directory)
+            if problem is not None:
+                return problem
+    if "server.state_dir" in keys or LOG_FILE_KEYS & keys:
+        problem = _log_problem(new.log_path())
+        if problem is not None:
+            return problem
+    return None
 
 
-def _bind_problem(host: str, port: int) -> str | None:
-    """Why the new listener address cannot be bound, or None (checked before restarting)."""
+def bind_problem(host: str, port: int, *, same_port: bool = False) -> str | None:
+    """Why the new listener address cannot be bound, or None (checked before restarting).
+
+    With the port unchanged our own listener holds it, so only the address is checked
+    (bound on an ephemeral port): a host that is not an address of this machine fails.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            sock.bind((host, 0 if same_port else port))
+    except (OSError, UnicodeError) as exc:
+        key = "server.host" if same_port else "server.port"
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return f"{key}: cannot listen on {host}:{port}: {detail}"
+    return None
+
+
+def _dir_problem(key: str, directory: Path) -> str | None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".mlxd-probe-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
-        return f"server.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        return f"{key}: {directory} is not a writable directory: {exc.strerror or exc}"
     return None
 
 
-async def reload_now(service: Service, *, trigger: str = "signal") -> bool:
-    """Run one reload; returns True when a new configuration is in effect (or nothing changed)."""
-    async with _lock(service):
-        try:
-            return await _reload(service, trigger)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must not take the watcher (or the daemon) down
-            log.exception("config.reload_failed", trigger=trigger, error=str(exc))
-            _record(service, False, [], f"{type(exc).__name__}: {exc}")
-            return False
-
-
-async def _reload(service: Service, trigger: str) -> bool:
-    if service.shutdown.is_set():
-        return False
-    old = service.settings
+def _log_problem(path: Path) -> str | None:
     try:
-        new, api_keys = await asyncio.to_thread(_rebuild, service.config_path)
-    except ConfigError as exc:
-        _reject(service, trigger, str(exc))
-        return False
-    changed = diff(old, new)
-    if api_keys != service.state.api_keys and "security.api_keys" not in changed:
-        changed.append("security.api_key_file")  # the key file's contents changed
-    if not changed:
-        # A save without edits, or SIGHUP with nothing new: say so, keep last_reload as is.
-        level = "info" if trigger == "signal" else "debug"
-        getattr(log, level)("config.unchanged", trigger=trigger)
-        return True
-
-    restart = sorted(RESTART_KEYS.intersection(changed))
-    if restart:
-        if "server.port" in restart:  # same port on a new host: our own listener holds it
-            problem = await asyncio.to_thread(_bind_problem, new.server.host, new.server.port)
-            if problem is not None:
-                _reject(service, trigger, problem, changed)
-                return False
-        log.info("config.reloaded", trigger=trigger, changed=changed, restart=True)
-        _record(service, True, changed, None)
-        _restart(service, restart)
-        return True
-
-    if MODEL_KEYS.intersection(changed):
-        error = await _switch_model(service, new)
-        if error is not None:
-            _reject(service, trigger, error, changed)
-            return False
-
-    _apply_live(service, old, new, changed, api_keys)
-    log.info("config.reloaded", trigger=trigger, changed=changed)
-    _record(service, True, changed, None)
-    return True
-
-
-async def _switch_model(service: Service, new: Settings) -> str | None:
-    """Load ``new.model`` on the engine thread; None on success, else why it failed."""
-    log.info("model.switching", path=new.model.path, id=new.model.id or None)
-    future = service.engine.request_load(new.model)
-    try:
-        await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-        if future.cancelled():  # superseded by a newer request_load
-            return "model switch superseded by a newer one"
-        raise
-    except Exception as exc:  # ModelLoadError and friends; engine logged model.load_failed
-        return f"model {new.model.path!r} failed to load: {exc}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"logging.file: cannot open {path}: {exc.strerror or exc}"
     return None
-
-
-def _apply_live(
-    service: Service, old: Settings, new: Settings, changed: list[str], api_keys: list[str]
-) -> None:
-    """Swap the settings tree and push the changes that live outside it."""
-    if any(k.startswith("logging.") for k in changed):
-        if LOG_FILE_KEYS.intersection(changed):
-            setup_logging(new.logging, new.log_path())
-        else:
-            set_level(new.logging.level)
-    if any(k.startswith("engine.") for k in changed):
-        service.engine.retune(new.engine)
-    service.state.api_keys = api_keys
-    service.settings = new
-    service.state.settings = new
-
-
-def _restart(service: Service, keys: list[str]) -> None:
-    """Orderly shutdown, then cli re-executes the process (see ``cli._serve``)."""
-    log.info("server.stopping", reason="restart", changed=keys)
-    service.restart_requested = True
-    service.state.shutting_down = True
-    service.shutdown.set()

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import reload
+from . import fdlimit
 from .api.app import create_app
 from .api.context import AppState
 from .config import Settings
@@ -29,7 +29,8 @@ from .conversations.store import StoreDamaged
 from .engine.core import Engine
 from .engine.loader import LoadedModel
 from .errors import ModelUnavailable
-from .logs import get_logger
+from .logs import get_logger, set_level, setup_logging
+from .reload import LOG_FILE_KEYS, MODEL_KEYS, Reloader
 
 log = get_logger("mlxd.service")
 
@@ -49,8 +50,21 @@ def sd_notify(message: str) -> None:
         log.warning("systemd.notify_failed", error=str(exc))
 
 
+#: hypercorn limits, chosen rather than inherited (README "Limits" lists them). A connection
+#: that is idle, or has sent only part of its request head, is closed after
+#: KEEP_ALIVE_TIMEOUT; a body that stops arriving gets 408 (mlxd.api.body); the head may be
+#: at most MAX_HEAD_BYTES (and mlxd.api.body allows MAX_HEADERS lines).
+KEEP_ALIVE_TIMEOUT = 20
+MAX_HEAD_BYTES = 16 * 1024
+LISTEN_BACKLOG = 1024
+
+
 class Service:
-    """One daemon process: settings, engine, app, background tasks."""
+    """One daemon process: settings, engine, app, background tasks.
+
+    ``run`` is three steps: :meth:`start` (store, engine, sweeper, reloader, signals),
+    :meth:`serve` (hypercorn until the shutdown event) and :meth:`stop` (in order).
+    """
 
     def __init__(self, settings: Settings, config_path: Path | None) -> None:
         self.settings = settings
@@ -60,6 +74,15 @@ class Service:
         self.state.api_keys = settings.api_keys()
         self.shutdown = asyncio.Event()
         self.restart_requested = False
+        self.reloader = Reloader(
+            config_path,
+            settings,
+            self.state.api_keys,
+            self.shutdown,
+            apply=self.apply_config,
+            restart=self.request_restart,
+            record=self._record_reload,
+        )
         self._signals = 0
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -74,12 +97,24 @@ class Service:
         self.shutdown.set()
 
     async def run(self) -> int:
-        from hypercorn.asyncio import serve
-        from hypercorn.config import Config
+        """Start, serve until shutdown, stop; the process exit status."""
+        code = await self.start()
+        if code is not None:
+            return code
+        try:
+            return await self.serve()
+        finally:
+            await self.stop()
 
+    async def start(self) -> int | None:
+        """Open the store, start the engine and the background tasks, install the signals.
+        Returns an exit status if the daemon cannot start (nothing else is running then)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        soft, hard = fdlimit.raise_soft_limit()
+        if soft < fdlimit.LOW_LIMIT:
+            log.warning("server.fd_limit_low", soft=soft, hard=hard, hint="raise ulimit -n")
 
         def loaded(lm: LoadedModel) -> None:
             loop.call_soon_threadsafe(self._on_model_loaded, lm.id)
@@ -94,9 +129,15 @@ class Service:
         self._tasks.append(
             asyncio.ensure_future(lifecycle.sweep_forever(self.state, self.shutdown))
         )
-        loop.add_signal_handler(signal.SIGHUP, lambda: reload.request(self))
-        self._tasks.append(asyncio.ensure_future(reload.watch(self)))
-        app = create_app(self.state)
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
+        self._tasks.append(asyncio.ensure_future(self.reloader.watch()))
+        return None
+
+    async def serve(self) -> int:
+        """Serve HTTP until the shutdown event; 1 if the address cannot be bound."""
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
         server = self.settings.server
         config = Config()
         host = f"[{server.host}]" if ":" in server.host else server.host
@@ -104,7 +145,10 @@ class Service:
         config.graceful_timeout = server.shutdown_timeout_seconds + 2
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")  # through our pipeline
-        config.keep_alive_timeout = 75
+        config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+        config.h11_max_incomplete_size = MAX_HEAD_BYTES
+        config.h2_max_header_list_size = MAX_HEAD_BYTES
+        config.backlog = LISTEN_BACKLOG
         log.info(
             "server.starting",
             host=server.host,
@@ -115,20 +159,71 @@ class Service:
         )
         watchdog = asyncio.ensure_future(self._cancel_stragglers())
         try:
-            await serve(app, config, shutdown_trigger=self.shutdown.wait)
+            await serve(create_app(self.state), config, shutdown_trigger=self.shutdown.wait)
         except OSError as exc:
             log.error("server.bind_failed", host=server.host, port=server.port, error=str(exc))
             return 1
         finally:
             watchdog.cancel()
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self.engine.stop()
-            if self.state.store is not None:
-                self.state.store.close()
-            log.info("server.stopped")
         return 0
+
+    async def stop(self) -> None:
+        """Background tasks, then the engine, then the store."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.engine.stop()
+        if self.state.store is not None:
+            self.state.store.close()
+        log.info("server.stopped")
+
+    # -- what the reloader may do -------------------------------------------------------------
+    async def apply_config(
+        self, new: Settings, changed: list[str], api_keys: list[str]
+    ) -> str | None:
+        """Put a validated configuration into effect, all or nothing; None, or why not."""
+        if MODEL_KEYS.intersection(changed):
+            error = await self._switch_model(new)
+            if error is not None:
+                return error
+        if any(k.startswith("logging.") for k in changed):
+            if LOG_FILE_KEYS.intersection(changed):
+                try:  # new handlers are built before the old ones are dropped
+                    setup_logging(new.logging, new.log_path())
+                except OSError as exc:
+                    return f"logging.file: cannot open {new.log_path()}: {exc}"
+            else:
+                set_level(new.logging.level)
+        if any(k.startswith("engine.") for k in changed):
+            self.engine.retune(new.engine)
+        self.state.api_keys = api_keys
+        self.settings = new
+        self.state.settings = new
+        return None
+
+    def request_restart(self, keys: list[str]) -> None:
+        """Orderly shutdown, then cli re-executes the process (see ``cli._serve``)."""
+        log.info("server.stopping", reason="restart", changed=keys)
+        self.restart_requested = True
+        self.state.shutting_down = True
+        self.shutdown.set()
+
+    def _record_reload(self, outcome: dict[str, Any]) -> None:
+        self.state.last_reload = outcome
+
+    async def _switch_model(self, new: Settings) -> str | None:
+        """Load ``new.model`` on the engine thread; None on success, else why it failed."""
+        log.info("model.switching", path=new.model.path, id=new.model.id or None)
+        future = self.engine.request_load(new.model)
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.cancelled():  # superseded by a newer request_load
+                return "model switch superseded by a newer one"
+            raise
+        except Exception as exc:  # ModelLoadError and friends; engine logged model.load_failed
+            return f"model {new.model.path!r} failed to load: {exc}"
+        return None
 
     def _on_model_loaded(self, model_id: str) -> None:
         sd_notify(f"READY=1\nSTATUS=serving {model_id}")

@@ -1,7 +1,12 @@
-"""Config reload logic with a small fake service and engine (no model, no HTTP)."""
+"""Config reload: the service's Reloader with a fake engine (no model, no HTTP).
+
+The service is the real one (its ``apply_config`` and ``request_restart`` are the narrow
+callables the reloader gets); only its engine is replaced by a recorder.
+"""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import os
@@ -15,6 +20,7 @@ import pytest
 from mlxd import reload
 from mlxd.config import ModelSettings, Settings, load_settings
 from mlxd.errors import ModelLoadError
+from mlxd.service import Service
 
 
 class FakeEngine:
@@ -38,24 +44,15 @@ class FakeEngine:
         self.retuned.append(settings)
 
 
-class FakeState:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.api_keys = settings.api_keys()
-        self.last_reload: dict[str, Any] | None = None
-        self.shutting_down = False
+def FakeService(path: Path) -> Any:
+    """A real Service for ``path`` whose engine only records what reload asks of it."""
+    svc = Service(load_settings(path), path)
+    svc.engine = svc.state.engine = FakeEngine()  # type: ignore[assignment]
+    return svc
 
 
-class FakeService:
-    """The attributes of ``mlxd.service.Service`` that reload uses."""
-
-    def __init__(self, path: Path) -> None:
-        self.config_path = path
-        self.settings = load_settings(path)
-        self.engine = FakeEngine()
-        self.state = FakeState(self.settings)
-        self.shutdown = asyncio.Event()
-        self.restart_requested = False
+def reload_now(svc: Any, trigger: str = "signal") -> Any:
+    return svc.reloader.reload_now(trigger=trigger)
 
 
 @pytest.fixture
@@ -95,7 +92,7 @@ def test_live_keys_swap_settings_without_model_load(config: Path) -> None:
     """Generation defaults and log level apply by swapping the settings; no model load."""
     svc = FakeService(config)
     write(config, config.read_text().replace("0.5", "0.2") + '[logging]\nlevel = "debug"\n')
-    assert run(reload.reload_now(svc, trigger="file"))  # type: ignore[arg-type]
+    assert run(reload_now(svc, trigger="file"))
     assert svc.settings.model.temperature == 0.2
     assert svc.state.settings is svc.settings
     assert logging.getLogger().level == logging.DEBUG
@@ -119,7 +116,7 @@ def test_invalid_file_keeps_last_good_config(config: Path, text: str, reason: st
     svc = FakeService(config)
     before = svc.settings
     write(config, text)
-    assert not run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert not run(reload_now(svc))
     assert svc.settings is before and svc.state.settings is before
     assert svc.state.last_reload is not None
     assert svc.state.last_reload["ok"] is False
@@ -131,7 +128,7 @@ def test_model_change_loads_then_swaps(config: Path) -> None:
     svc = FakeService(config)
     text = config.read_text().replace("[model]\n", '[model]\npath = "/m/other"\nid = "other"\n')
     write(config, text)
-    assert run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert run(reload_now(svc))
     assert [m.path for m in svc.engine.loads] == ["/m/other"]
     assert svc.settings.model.id == "other"
     assert svc.state.last_reload is not None
@@ -144,7 +141,7 @@ def test_model_that_fails_to_load_rejects_the_edit(config: Path) -> None:
     svc.engine.fail = "no such directory"
     before = svc.settings
     write(config, config.read_text().replace("[model]\n", '[model]\npath = "/nope"\n'))
-    assert not run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert not run(reload_now(svc))
     assert svc.settings is before
     assert svc.state.last_reload is not None
     assert svc.state.last_reload["ok"] is False
@@ -155,7 +152,7 @@ def test_engine_keys_retune_engine(config: Path) -> None:
     """An [engine] change goes to Engine.retune with the new section."""
     svc = FakeService(config)
     write(config, config.read_text() + "[engine]\nmax_queue = 3\n")
-    assert run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert run(reload_now(svc))
     assert [e.max_queue for e in svc.engine.retuned] == [3]
 
 
@@ -166,7 +163,7 @@ def test_port_change_requests_orderly_restart(config: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     write(config, config.read_text().replace("[server]\n", f"[server]\nport = {port}\n"))
-    assert run(reload.reload_now(svc))  # type: ignore[arg-type]
+    assert run(reload_now(svc))
     assert svc.restart_requested and svc.shutdown.is_set() and svc.state.shutting_down
 
 
@@ -178,7 +175,7 @@ def test_port_in_use_is_rejected_without_restart(config: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         write(config, config.read_text().replace("[server]\n", f"[server]\nport = {port}\n"))
-        assert not run(reload.reload_now(svc))  # type: ignore[arg-type]
+        assert not run(reload_now(svc))
     assert not svc.restart_requested and not svc.shutdown.is_set()
     assert svc.state.last_reload is not None
     assert "server.port" in svc.state.last_reload["error"]
@@ -195,7 +192,7 @@ def test_sighup_rereads_api_key_file(tmp_path: Path) -> None:
     keys.write_text("# rotated\nsecond\n")
 
     async def main() -> None:
-        reload.request(svc)  # type: ignore[arg-type]
+        svc.reloader.request()
         for _ in range(100):
             if svc.state.last_reload is not None:
                 return
@@ -213,7 +210,7 @@ def test_watch_applies_renamed_file_and_stops_on_shutdown(config: Path) -> None:
     edited = config.read_text().replace("0.5", "0.9")
 
     async def main() -> None:
-        task = asyncio.ensure_future(reload.watch(svc))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(svc.reloader.watch())
         await asyncio.sleep(0.5)  # let the watcher start
         write(config, edited)
         for _ in range(100):
@@ -225,3 +222,79 @@ def test_watch_applies_renamed_file_and_stops_on_shutdown(config: Path) -> None:
 
     run(main())
     assert svc.settings.model.temperature == 0.9
+
+
+# -- restart-class keys are checked before the daemon stops ----------------------------------
+def test_unusable_state_dir_is_rejected_before_restart(config: Path, tmp_path: Path) -> None:
+    """A state_dir that cannot be created is rejected while the daemon keeps running (the
+    re-executed process used to exit 78, which service managers treat as final)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    svc = FakeService(config)
+    write(config, config.read_text().replace(str(tmp_path), str(blocker / "state")))
+    assert not run(reload_now(svc))
+    assert not svc.restart_requested and not svc.shutdown.is_set()
+    assert "server.state_dir" in svc.state.last_reload["error"]
+
+
+def test_unbindable_host_is_rejected_before_restart(config: Path) -> None:
+    """A host that is not an address of this machine is rejected (it used to exit 1 after
+    the re-exec), also when the port stays the same."""
+    svc = FakeService(config)
+    write(config, config.read_text().replace("[server]\n", '[server]\nhost = "192.0.2.1"\n'))
+    write(config, config.read_text() + '[security]\napi_keys = ["k-1234567890"]\n')
+    assert not run(reload_now(svc))
+    assert not svc.restart_requested and not svc.shutdown.is_set()
+    assert "server.host" in svc.state.last_reload["error"]
+
+
+def test_unopenable_log_file_keeps_the_old_handlers(config: Path, tmp_path: Path) -> None:
+    """A logging.file that cannot be opened is rejected and logging carries on through the
+    old handlers (all logging used to stop)."""
+    from mlxd.logs import setup_logging
+
+    svc = FakeService(config)
+    setup_logging(svc.settings.logging, tmp_path / "old.log", console=False)
+    before = [h for h in logging.getLogger().handlers if getattr(h, "_mlxd_handler", False)]
+    (tmp_path / "dir.log").mkdir()
+    write(config, config.read_text() + f'[logging]\nfile = "{tmp_path / "dir.log"}"\n')
+    assert not run(reload_now(svc))
+    assert "logging.file" in svc.state.last_reload["error"]
+    after = [h for h in logging.getLogger().handlers if getattr(h, "_mlxd_handler", False)]
+    assert after == before
+    for h in after:
+        logging.getLogger().removeHandler(h)
+        h.close()
+
+
+def test_setup_logging_failure_leaves_existing_handlers(tmp_path: Path) -> None:
+    from mlxd.config import LoggingSettings
+    from mlxd.logs import setup_logging
+
+    setup_logging(LoggingSettings(), tmp_path / "ok.log", console=False)
+    before = list(logging.getLogger().handlers)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        setup_logging(LoggingSettings(), tmp_path / "d", console=False)
+    assert logging.getLogger().handlers == before
+    for h in before:
+        if getattr(h, "_mlxd_handler", False):
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+
+def test_reload_module_does_not_import_the_service() -> None:
+    """The service owns the reloader, never the other way round (no import cycle, no
+    module-level lock or task set)."""
+    tree = ast.parse(Path(reload.__file__).read_text())
+    imported = {
+        (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    } | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any(name.endswith("service") for name in imported), imported
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    assert not {"_locks", "_pending"} & names
