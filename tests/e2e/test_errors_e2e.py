@@ -25,7 +25,7 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"messages": MSG, "stop": 5}, "stop"),
         ({"messages": MSG, "stop": [1, 2]}, "stop"),
         ({"messages": MSG, "top_p": 0}, "top_p"),
-        ({"messages": MSG, "n": 3}, "n"),
+        ({"messages": MSG, "n": 0}, "n"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
         ({"messages": MSG, "max_tokens": 10_000_000}, "max_tokens"),
     ],

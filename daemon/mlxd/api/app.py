@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import BadRequest, MlxdError, PayloadTooLarge
 from ..logs import get_logger
 from ..metrics import Metrics
-from . import body, chat, messages, models, responses, security
+from . import body, chat, completions, embeddings, messages, models, responses, security
 from .context import AppState, RequestRecord, error_response, state
 
 log = get_logger("mlxd.api")
@@ -37,7 +37,7 @@ def create_app(app_state: AppState) -> Quart:
     if app_state.metrics is None:
         app_state.metrics = Metrics(app_state.engine)
     metrics = app_state.metrics
-    for module in (models, chat, responses, messages):
+    for module in (models, chat, completions, embeddings, responses, messages):
         app.register_blueprint(module.bp)
 
     @app.get("/metrics")

@@ -24,8 +24,8 @@ from ..errors import MlxdError
 from ..prompt import content_text
 from . import pipeline, sse
 from .context import json_body, record, state
-from .params import SamplingFields, StopField, normalize_stop, parse
-from .pipeline import Done, Piece, Reasoning, Sampling
+from .params import MAX_CHOICES, SamplingFields, StopField, StreamOptions, normalize_stop, parse
+from .pipeline import Choice, Done, Piece, Reasoning, Sampling
 from .tools import Call, CallArguments, CallStarted, Text, json_format
 
 bp = Blueprint("chat", __name__)
@@ -44,17 +44,12 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
 class ChatRequest(SamplingFields, StopField):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -94,7 +89,7 @@ async def chat_completions() -> Response:
     rec = record()
     req = parse(ChatRequest, await json_body())
     lm = st.engine.require_model()
-    gen = await pipeline.start(
+    group = await pipeline.start_choices(
         st,
         rec,
         lm,
@@ -112,17 +107,18 @@ async def chat_completions() -> Response:
             repetition_penalty=req.repetition_penalty,
             stop=normalize_stop(req.stop),
         ),
+        n=req.n,
     )
-    head = _Head(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), gen.model_id)
+    head = _Head(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), group.model_id)
     if not req.stream:
-        message = _Message()
-        done = await pipeline.collect(gen, message.take)
-        return jsonify(head.completion(message, done))
+        choices = _Choices([_Message() for _ in group.gens])
+        done = await pipeline.collect(group, choices.take)
+        return jsonify(head.completion(choices, done))
     keepalive = st.settings.server.sse_keepalive_seconds
-    await pipeline.wait_first(gen, min(keepalive, 2.0))
+    await pipeline.wait_first(group, min(keepalive, 2.0))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    renderer = _ChunkRenderer(head, include_usage)
-    return pipeline.sse_response(pipeline.stream(gen, renderer, keepalive))
+    renderer = _ChunkRenderer(head, include_usage, len(group.gens))
+    return pipeline.sse_response(pipeline.stream(group, renderer, keepalive))
 
 
 def usage(done: Done) -> dict[str, Any]:
@@ -158,7 +154,7 @@ class _Head:
     created: int
     model: str
 
-    def completion(self, message: _Message, done: Done) -> dict[str, Any]:
+    def completion(self, choices: _Choices, done: Done) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -166,11 +162,12 @@ class _Head:
             "model": self.model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": message.body(done),
+                    "index": i,
+                    "message": message.body(end),
                     "logprobs": None,
-                    "finish_reason": done.finish_reason,
+                    "finish_reason": end.finish_reason,
                 }
+                for i, (message, end) in enumerate(choices.finished())
             ],
             "usage": usage(done),
             "system_fingerprint": FINGERPRINT,
@@ -213,29 +210,52 @@ class _Message:
 
 
 @dataclass
+class _Choices:
+    """The collector for ``n`` choices: one message per choice, and each one's end."""
+
+    messages: list[_Message]
+    ends: dict[int, Done] = field(default_factory=dict)
+
+    def take(self, choice: Choice) -> None:
+        if isinstance(choice.item, Done):
+            self.ends[choice.index] = choice.item
+        else:
+            self.messages[choice.index].take(choice.item)
+
+    def finished(self) -> list[tuple[_Message, Done]]:
+        return [(m, self.ends[i]) for i, m in enumerate(self.messages)]
+
+
+@dataclass
 class _ChunkRenderer:
     """The renderer: ``chat.completion.chunk`` frames. A call's first delta carries index,
     id, type, name and empty arguments; argument pieces follow in later deltas."""
 
     head: _Head
     include_usage: bool
+    choices: int = 1
 
-    def _frame(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def _frame(self, index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         extra = {"usage": None} if self.include_usage else {}
         return sse.data_frame(self.head.chunk([choice], **extra))
 
     def opening(self) -> list[bytes]:
-        return [self._frame({"role": "assistant", "content": ""})]
+        return [self._frame(i, {"role": "assistant", "content": ""}) for i in range(self.choices)]
 
     def keepalive(self) -> bytes:
         return sse.KEEPALIVE
 
-    def piece(self, piece: Piece) -> list[bytes]:
+    def piece(self, piece: Choice) -> list[bytes]:
+        if isinstance(piece.item, Done):
+            return [self._frame(piece.index, {}, piece.item.finish_reason)]
+        return [self._frame(piece.index, self._delta(piece.item))]
+
+    def _delta(self, piece: Piece) -> dict[str, Any]:
         if isinstance(piece, Text):
-            return [self._frame({"content": piece.text})]
+            return {"content": piece.text}
         if isinstance(piece, Reasoning):
-            return [self._frame({"reasoning_content": piece.text})]
+            return {"reasoning_content": piece.text}
         if isinstance(piece, CallStarted):
             call = piece.call
             start = {
@@ -244,13 +264,12 @@ class _ChunkRenderer:
                 "type": "function",
                 "function": {"name": call.name, "arguments": ""},
             }
-            return [self._frame({"tool_calls": [start]})]
+            return {"tool_calls": [start]}
         assert isinstance(piece, CallArguments)
-        more = {"index": piece.call.index, "function": {"arguments": piece.delta}}
-        return [self._frame({"tool_calls": [more]})]
+        return {"tool_calls": [{"index": piece.call.index, "function": {"arguments": piece.delta}}]}
 
     async def done(self, done: Done) -> list[bytes]:
-        frames = [self._frame({}, done.finish_reason)]
+        frames = []
         if self.include_usage:
             frames.append(sse.data_frame(self.head.chunk([], usage=usage(done))))
         return [*frames, sse.DONE]

@@ -28,6 +28,10 @@ M = TypeVar("M", bound=BaseModel)
 #: Temperatures and top_p values below this decode greedily (see the module docstring).
 GREEDY_BELOW = 1e-6
 
+#: The most choices one request may ask for (Chat ``n``; completions: prompts x ``n``). Each
+#: choice is a job: a bound keeps one request from filling the queue.
+MAX_CHOICES = 16
+
 
 class SamplingFields(BaseModel):
     """Fields both APIs share. Unknown fields are ignored, as OpenAI clients expect."""
@@ -45,6 +49,11 @@ class SamplingFields(BaseModel):
     @classmethod
     def _unsigned_seed(cls, v: int | None) -> int | None:
         return None if v is None else v % 2**64  # -1 -> 2**64-1: MLX keys are uint64
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
 
 
 def parse(model: type[M], body: dict[str, Any]) -> M:

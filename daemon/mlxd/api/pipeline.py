@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
 
 from quart import Response
 
@@ -38,6 +38,10 @@ from .params import generation_params
 from .tools import Call, CallArguments, CallStarted, JsonFormat, OutputPlan, Text, plan_output
 
 log = get_logger("mlxd.api")
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,21 @@ class Done:
         return self.finished.finish_reason
 
 
+class Source(Protocol[T_co]):
+    """What :func:`collect` and :func:`stream` drive: a :class:`Generation` (its pieces) or
+    a :class:`Group` (:class:`Choice` items)."""
+
+    record: RequestRecord
+
+    def items(self, interval: float | None) -> AsyncIterator[T_co | Done | None]:
+        """The output, then one :class:`Done`; ``None`` for each silent ``interval``."""
+
+    def cancel(self) -> None:
+        """Stop every job (idempotent)."""
+
+
 @dataclass
-class Generation:
+class Generation(Source[Piece]):
     """A submitted job, its output plan, and the request it belongs to."""
 
     job: JobHandle
@@ -92,6 +109,83 @@ class Generation:
     @property
     def max_tokens(self) -> int:
         return self.job.params.max_tokens
+
+    def items(self, interval: float | None) -> AsyncIterator[Piece | Done | None]:
+        return pieces(self, interval)
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One item of choice ``index`` of a :class:`Group`: a piece, or that choice's end."""
+
+    index: int
+    item: Piece | Done
+
+
+@dataclass
+class Group(Source[Choice]):
+    """Several generations answered as one response (``n`` choices, several prompts).
+
+    Choice ``i`` is ``gens[i]``; ``n`` consecutive choices share a prompt. Its items are
+    every choice's pieces and ends as :class:`Choice` items, in the order they are made,
+    then one :class:`Done` whose counts cover all of them (each prompt counted once).
+    """
+
+    gens: list[Generation]
+    record: RequestRecord
+    model_id: str
+    n: int = 1
+
+    async def items(self, interval: float | None) -> AsyncIterator[Choice | Done | None]:
+        queue: asyncio.Queue[tuple[int, Piece | Done | BaseException]] = asyncio.Queue()
+
+        async def pump(i: int, gen: Generation) -> None:
+            try:
+                async for item in pieces(gen, None):
+                    if item is not None:
+                        queue.put_nowait((i, item))
+            except Exception as exc:  # handed to the reader, which raises it
+                queue.put_nowait((i, exc))
+
+        pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(self.gens)]
+        ends: list[Done | None] = [None] * len(self.gens)
+        try:
+            while any(end is None for end in ends):
+                try:
+                    i, item = await asyncio.wait_for(queue.get(), interval)
+                except TimeoutError:
+                    yield None
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Done):
+                    ends[i] = item
+                yield Choice(i, item)
+            yield self._total([end for end in ends if end is not None])
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    def _total(self, ends: list[Done]) -> Done:
+        firsts = [end.finished for end in ends[:: self.n]]  # one per prompt
+        return Done(
+            Finished(
+                finish_reason=ends[0].finished.finish_reason,
+                prompt_tokens=sum(f.prompt_tokens for f in firsts),
+                completion_tokens=sum(end.finished.completion_tokens for end in ends),
+                cached_tokens=sum(f.cached_tokens for f in firsts),
+                reasoning_tokens=sum(end.finished.reasoning_tokens for end in ends),
+            ),
+            tuple(call for end in ends for call in end.calls),
+        )
+
+    def cancel(self) -> None:
+        for gen in self.gens:
+            gen.job.cancel()
 
 
 @dataclass(frozen=True)
@@ -138,44 +232,144 @@ async def start(
     client turn thinking on or off). Raises API errors (400 for bad tools/schemas/context
     length, 503 when the queue is full) before anything is generated.
     """
+    group = await start_choices(
+        st,
+        rec,
+        lm,
+        messages,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel=parallel,
+        fmt=fmt,
+        sampling=sampling,
+        reasoning=reasoning,
+        n=1,
+    )
+    return group.gens[0]
+
+
+async def start_choices(
+    st: AppState,
+    rec: RequestRecord,
+    lm: LoadedModel,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[Any] | None,
+    tool_choice: Any,
+    parallel: bool | None,
+    fmt: JsonFormat | None,
+    sampling: Sampling,
+    reasoning: str | None = None,
+    n: int,
+) -> Group:
+    """:func:`start` for ``n`` choices of one prompt (Chat Completions' ``n``)."""
     rendered = await render(
         lm, messages, tools=tools, tool_choice=tool_choice, parallel=parallel, fmt=fmt
     )
-    plan, prompt = rendered.plan, rendered.prompt
-    params = generation_params(
-        st.settings,
+    return _submit(
+        st,
+        rec,
         lm,
-        len(prompt.ids),
-        requested_max=sampling.requested_max,
-        max_param=sampling.max_param,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        seed=sampling.seed,
-        repetition_penalty=sampling.repetition_penalty,
-        stop=sampling.stop,
-        top_k=sampling.top_k,
-        logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
-    )
-    request = GenerationRequest(
-        model=lm,
-        prompt=prompt.ids,
-        params=params,
+        [rendered.prompt.ids],
+        rendered.plan,
+        sampling,
+        n=n,
         reasoning_mode=reasoning or st.settings.model.reasoning,
-        in_think=prompt.in_think,
+        in_think=rendered.prompt.in_think,
     )
+
+
+async def start_raw(
+    st: AppState,
+    rec: RequestRecord,
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    *,
+    sampling: Sampling,
+    n: int,
+) -> Group:
+    """Submit already tokenized prompts as they are: no chat template, no tools, ``<think>``
+    text left in the output (the legacy completions API). ``n`` choices per prompt, in
+    prompt order."""
+    plan = await asyncio.to_thread(
+        plan_output, lm, tools=None, choice=None, parallel=None, fmt=None
+    )
+    return _submit(
+        st, rec, lm, prompts, plan, sampling, n=n, reasoning_mode="inline", raw_text=True
+    )
+
+
+def _submit(
+    st: AppState,
+    rec: RequestRecord,
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    plan: OutputPlan,
+    sampling: Sampling,
+    *,
+    n: int,
+    reasoning_mode: str,
+    in_think: bool = False,
+    raw_text: bool = False,
+) -> Group:
+    """Check every prompt's limits, then submit ``n`` jobs per prompt: all or none."""
+    requests: list[GenerationRequest] = []
+    for ids in prompts:
+        params = generation_params(
+            st.settings,
+            lm,
+            len(ids),
+            requested_max=sampling.requested_max,
+            max_param=sampling.max_param,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            repetition_penalty=sampling.repetition_penalty,
+            stop=sampling.stop,
+            top_k=sampling.top_k,
+            logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
+        )
+        if raw_text:
+            params = replace(params, raw_text=True)
+        for j in range(n):
+            # With a seed, choice j samples with seed + j: n copies of one sample would make
+            # n pointless, and the request stays reproducible.
+            seeded = params
+            if params.seed is not None and j:
+                seeded = replace(params, seed=(params.seed + j) % 2**64)
+            requests.append(
+                GenerationRequest(
+                    model=lm,
+                    prompt=ids,
+                    params=seeded,
+                    reasoning_mode=reasoning_mode,
+                    in_think=in_think,
+                )
+            )
     rec.model = lm.id
-    rec.prompt_tokens = len(prompt.ids)
-    return Generation(st.engine.submit(request), plan, rec, lm.id)
+    rec.prompt_tokens = sum(len(ids) for ids in prompts)
+    handles: list[JobHandle] = []
+    try:
+        for request in requests:
+            handles.append(st.engine.submit(request))
+    except MlxdError:
+        for handle in handles:  # all or none: the queue was full part-way
+            handle.cancel()
+        raise
+    return Group([Generation(h, plan, rec, lm.id) for h in handles], rec, lm.id, n)
 
 
-async def wait_first(gen: Generation, timeout: float) -> None:
+async def wait_first(source: Generation | Group, timeout: float) -> None:
     """Wait up to ``timeout`` for the first event before a stream starts, so that early
     failures (a model switch, shutdown) are HTTP errors rather than broken streams."""
-    first = await gen.job.next_event(timeout)
-    if isinstance(first, Failed):
-        gen.job.cancel()
-        raise first.error
-    gen.first = first
+    gens = source.gens if isinstance(source, Group) else [source]
+    firsts = await asyncio.gather(*(gen.job.next_event(timeout) for gen in gens))
+    for gen, first in zip(gens, firsts, strict=True):
+        gen.first = first
+    for first in firsts:
+        if isinstance(first, Failed):
+            source.cancel()
+            raise first.error
 
 
 async def pieces(gen: Generation, interval: float | None) -> AsyncIterator[Piece | Done | None]:
@@ -203,26 +397,33 @@ async def pieces(gen: Generation, interval: float | None) -> AsyncIterator[Piece
             else:
                 for piece in reader.finish():
                     yield piece
-                rec.completion_tokens = event.completion_tokens
-                rec.cached_tokens = event.cached_tokens
                 yield Done(event, tuple(reader.calls))
                 return
     finally:
         job.cancel()
 
 
-async def collect(gen: Generation, take: Callable[[Piece], object]) -> Done:
-    """Drive a non-streaming generation: hand each piece to ``take`` (its result is
+async def collect(source: Source[T], take: Callable[[T], object]) -> Done:
+    """Drive a non-streaming generation: hand each item to ``take`` (its result is
     ignored); return the end."""
-    async for item in pieces(gen, None):
-        if isinstance(item, Done):
-            return item
-        if item is not None:
-            take(item)
+    try:
+        async for item in source.items(None):
+            if isinstance(item, Done):
+                _count(source.record, item)
+                return item
+            if item is not None:
+                take(item)
+    finally:
+        source.cancel()
     raise AssertionError("the engine ended a job without Finished or Failed")
 
 
-class Renderer(Protocol):
+def _count(rec: RequestRecord, done: Done) -> None:
+    rec.completion_tokens = done.finished.completion_tokens
+    rec.cached_tokens = done.finished.cached_tokens
+
+
+class Renderer(Protocol[T_contra]):
     """How one API writes a generation as server-sent events."""
 
     def opening(self) -> list[bytes]:
@@ -232,8 +433,8 @@ class Renderer(Protocol):
         """A frame for a silent interval (a comment, or an event for clients that only
         count events as activity)."""
 
-    def piece(self, piece: Piece) -> list[bytes]:
-        """Frames for one output piece."""
+    def piece(self, piece: T_contra) -> list[bytes]:
+        """Frames for one output piece (a :class:`Choice` for a :class:`Group`)."""
 
     async def done(self, done: Done) -> list[bytes]:
         """The closing frames; may store the result (an error raised here is sent with
@@ -246,25 +447,28 @@ class Renderer(Protocol):
         """Release what the stream held (always called, once)."""
 
 
-def stream(gen: Generation, renderer: Renderer, interval: float) -> AsyncIterator[bytes]:
-    """The one SSE loop for ``gen``. The request is marked as streaming now (so the app
+def stream(source: Source[T], renderer: Renderer[T], interval: float) -> AsyncIterator[bytes]:
+    """The one SSE loop for ``source``. The request is marked as streaming now (so the app
     leaves its ``request.completed`` line to the stream's end); the loop itself runs after
     the route returned, outside the request context."""
-    gen.record.streaming = True
-    return _stream(gen, renderer, interval)
+    source.record.streaming = True
+    return _stream(source, renderer, interval)
 
 
-async def _stream(gen: Generation, renderer: Renderer, interval: float) -> AsyncIterator[bytes]:
-    rec = gen.record
+async def _stream(
+    source: Source[T], renderer: Renderer[T], interval: float
+) -> AsyncIterator[bytes]:
+    rec = source.record
     status = 200
     try:
         for frame in renderer.opening():
             yield frame
         try:
-            async for item in pieces(gen, interval):
+            async for item in source.items(interval):
                 if item is None:
                     yield renderer.keepalive()
                 elif isinstance(item, Done):
+                    _count(rec, item)
                     for frame in await renderer.done(item):
                         yield frame
                     return
@@ -288,7 +492,7 @@ async def _stream(gen: Generation, renderer: Renderer, interval: float) -> Async
         rec.error = "client_disconnected"
         raise
     finally:
-        gen.job.cancel()
+        source.cancel()
         renderer.close()
         rec.finish(status)
 

@@ -115,6 +115,8 @@ class BatchRunner:
             return
         p = job.request.params
         job.detokenizer = self.lm.tokenizer.detokenizer
+        if p.raw_text:
+            keep_leading_space(job.detokenizer)
         job.text = TextFilter(
             stop=list(p.stop), reasoning=job.request.reasoning_mode, in_think=job.request.in_think
         )
@@ -386,6 +388,16 @@ def _guarded_sampler(job: Job, sampler: Callable[[Any], Any]) -> Callable[[Any],
         return mx.argmax(logprobs, axis=-1)
 
     return run
+
+
+def keep_leading_space(detokenizer: Any) -> None:
+    """Make an mlx-lm streaming detokenizer keep the first token's leading space (BPE and
+    SentencePiece detokenizers drop it by default: right for a chat answer, wrong for text
+    that continues a prompt)."""
+    if hasattr(detokenizer, "trim_space"):
+        detokenizer.trim_space = False
+    if hasattr(detokenizer, "_maybe_trim_space"):
+        detokenizer._maybe_trim_space = lambda text: text
 
 
 def make_generator(lm: LoadedModel, settings: EngineSettings, sampler: Any) -> Any:

@@ -40,6 +40,7 @@ from ..config import EngineSettings, ModelSettings
 from ..errors import GenerationFailed, MlxdError, ModelLoadError, ModelUnavailable, Overloaded
 from ..logs import get_logger
 from .batch import BatchRunner, Job, make_sampler, warm_up
+from .embed import EmbedTask
 from .loader import LoadedModel
 from .promptcache import PromptCache
 from .protocol import (
@@ -103,6 +104,7 @@ class Engine:
         self._load_error: str | None = None
         self._device: dict[str, str] = {}
         self._prompt_cache = PromptCache(engine_settings.prompt_cache_bytes)
+        self._embeds: deque[EmbedTask] = deque()
 
     # -- called from the event loop (or any thread) -----------------------------------------
     def start(self) -> None:
@@ -184,6 +186,15 @@ class Engine:
     def _cancel(self, job_id: int) -> None:
         self._inbox.put(("cancel", job_id))
 
+    def embed(self, lm: LoadedModel, inputs: list[list[int]]) -> Future[Any]:
+        """Embed token id lists with ``lm`` on the engine thread, one batch between decode
+        steps; the future gets one unit-length float32 row per input."""
+        if self._stopping:
+            raise ModelUnavailable("mlxd is shutting down", retry_after=5)
+        fut: Future[Any] = Future()
+        self._inbox.put(("embed", EmbedTask(lm, inputs, fut)))
+        return fut
+
     def abort_all(self, error: MlxdError) -> None:
         """End every waiting and running job with ``error`` (shutdown budget spent)."""
         self._inbox.put(("abort", error))
@@ -220,7 +231,7 @@ class Engine:
         self._device = backend.device_info()
         self._load(self._model_settings, None)
         while True:
-            busy = self._runner is not None and len(self._runner) > 0
+            busy = (self._runner is not None and len(self._runner) > 0) or bool(self._embeds)
             block = not busy and not (self._pending and self._state == "ready")
             if not self._drain_inbox(block):
                 break
@@ -229,6 +240,8 @@ class Engine:
                 self._admit()
                 if self._runner is not None and len(self._runner):
                     self._runner.step()
+                if self._embeds:
+                    self._embed_step()
             except Exception as exc:  # an MLX failure must not kill the thread
                 log.exception("engine.step_failed", error=str(exc))
                 self._renew_runner(GenerationFailed(f"generation failed: {exc}"))
@@ -263,6 +276,8 @@ class Engine:
                 self._pending.append(arg)
             elif cmd == "cancel":
                 self._cancel_job(arg)
+            elif cmd == "embed":
+                self._embeds.append(arg)
             elif cmd == "retune":
                 self._tuning = arg
                 self._prompt_cache.resize(arg.prompt_cache_bytes)
@@ -300,6 +315,24 @@ class Engine:
     def _forget_done(self) -> None:
         if any(j.done for j in self._jobs.values()):
             self._jobs = {k: j for k, j in self._jobs.items() if not j.done}
+
+    def _embed_step(self) -> None:
+        """One batch of the oldest embeddings request; a bad input or an MLX failure ends
+        that request only."""
+        task = self._embeds[0]
+        try:
+            if task.lm is not self._current:
+                raise ModelUnavailable("the model changed; retry", retry_after=1)
+            finished = task.step()
+        except Exception as exc:
+            finished = True
+            if not isinstance(exc, MlxdError):
+                log.exception("engine.embed_failed", error=str(exc))
+                exc = GenerationFailed(f"embedding failed: {exc}")
+            if not task.future.cancelled():
+                task.future.set_exception(exc)
+        if finished:
+            self._embeds.popleft()
 
     def _maybe_switch(self) -> None:
         if self._load_request is None:
@@ -410,5 +443,9 @@ class Engine:
             self._runner.fail_all(error)
         while self._pending:
             self._drop_pending(self._pending.popleft(), Failed(error))
+        while self._embeds:
+            task = self._embeds.popleft()
+            if not task.future.cancelled():
+                task.future.set_exception(error)
         self._state = "stopped"
         self._publish()

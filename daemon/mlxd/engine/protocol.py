@@ -36,6 +36,9 @@ class GenerationParams:
     top_k: int = 0  # 0: off
     timeout: float = 600.0
     logits_processors: tuple[LogitsProcessor, ...] = ()
+    #: Text exactly as generated: a leading space is kept (completions continue a prompt;
+    #: a chat answer's leading space is trimmed).
+    raw_text: bool = False
 
 
 @dataclass(frozen=True)
