@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mlxd.backend import preload_blas
 
-preload_blas()  # before mlx is first imported (see tests/unit/test_constrain.py)
+preload_blas()  # before mlx is first imported (see tests/app/test_constrain.py)
 
 import json  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
