@@ -227,16 +227,9 @@ class Daemon(Server):
         full_env = child_env(extra | (env or {}))
         cmd = [*(command or (sys.executable, "-m", "mlxd")), "--config", str(config_path), *args]
         process = spawn(cmd, full_env, log, cwd=cwd, isolate=isolate)
-        return cls(
-            name=name,
-            port=port,
-            process=process,
-            log=log,
-            command=cmd,
-            state_dir=state_dir,
-            config_path=config_path,
-            env=full_env,
-        )
+        daemon = cls(name, port, process, log, cmd, state_dir=state_dir, config_path=config_path)
+        daemon.env = full_env
+        return daemon
 
 
 def start_reference(
