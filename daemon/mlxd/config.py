@@ -256,6 +256,24 @@ class EngineSettings(_Section):
         description="Memory budget for reusable prompt (KV) caches of earlier requests; 0 "
         "disables reuse.",
     )
+    prompt_cache_dir: str = Field(
+        "prompt_cache",
+        description="Directory of the prompt cache's disk tier: KV caches that survive "
+        "restarts, unloads and model switches, one subdirectory per model identity (relative: "
+        "under state_dir).",
+    )
+    prompt_cache_disk_bytes: int = Field(
+        4 * 1024**3,
+        ge=0,
+        description="Disk budget of the prompt cache's disk tier, all models together; least "
+        "recently used entries are deleted to stay under it. 0 disables the disk tier.",
+    )
+    mlx_cache_limit_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Cap on MLX's buffer cache (freed buffers kept for reuse, "
+        "mx.set_cache_limit); without one it grows toward the memory limit. 0 keeps no cache.",
+    )
     blas: str = Field(
         "auto",
         description="CPU backend only: 'auto' loads an optimized OpenBLAS if one is installed, "

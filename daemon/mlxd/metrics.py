@@ -14,6 +14,9 @@ are read from it at scrape time, so they are never stale.
     mlxd_model_load_seconds                    gauge, load time of the served model
     mlxd_model_info{model,backend,dtype}       gauge = 1 for the served model
     mlxd_model_ready                           gauge, 1 when a model serves
+    mlxd_prompt_cache_lookups_total{tier,result}  counter; tier ram|disk, result hit|miss
+    mlxd_prompt_cache_bytes{tier}              gauge, bytes held (RAM) or used on disk
+    mlxd_prompt_cache_entries{tier}            gauge
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -75,6 +78,28 @@ class _EngineCollector(Collector):
             info.add_metric([lm.id, backend, lm.dtype], 1.0)
         yield load
         yield info
+        cache = engine.cache_status()
+        lookups = CounterMetricFamily(
+            "mlxd_prompt_cache_lookups",
+            "Prompt-cache lookups per tier (a RAM miss is then looked up on disk).",
+            labels=["tier", "result"],
+        )
+        held = GaugeMetricFamily(
+            "mlxd_prompt_cache_bytes",
+            "Bytes of KV caches held in RAM, or used on disk.",
+            labels=["tier"],
+        )
+        entries = GaugeMetricFamily(
+            "mlxd_prompt_cache_entries", "Prompt-cache entries per tier.", labels=["tier"]
+        )
+        for tier, values in cache.items():
+            lookups.add_metric([tier, "hit"], values["hits"])
+            lookups.add_metric([tier, "miss"], values["misses"])
+            held.add_metric([tier], values["bytes"])
+            entries.add_metric([tier], values["entries"])
+        yield lookups
+        yield held
+        yield entries
 
 
 class RequestFacts(Protocol):

@@ -69,7 +69,7 @@ class Service:
     def __init__(self, settings: Settings, config_path: Path | None) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.engine = Engine(settings.model, settings.engine)
+        self.engine = Engine(settings.model, settings.engine, settings.state_dir())
         self.state = AppState(settings=settings, engine=self.engine, config_path=config_path)
         self.state.api_keys = settings.api_keys()
         self.shutdown = asyncio.Event()

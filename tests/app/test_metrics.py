@@ -44,6 +44,10 @@ class FakeEngine:
     def active_count(self) -> int:
         return self.active
 
+    def cache_status(self) -> dict[str, dict[str, int]]:
+        tier = {"hits": 4, "misses": 1, "bytes": 2048, "entries": 2}
+        return {"ram": tier, "disk": {**tier, "hits": 1}}
+
 
 def test_observe_request_counts_tokens_and_timings() -> None:
     """A finished generation counts its route/status and tokens and fills both histograms."""
@@ -86,6 +90,16 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     text = metrics.render()[0].decode()
     assert value(text, "mlxd_queue_depth") == 0 and value(text, "mlxd_model_ready") == 0
     assert not any(name == "mlxd_model_info" for name, _ in samples(text))
+
+
+def test_prompt_cache_tiers_are_scraped() -> None:
+    """Hits and misses per prompt-cache tier and the bytes each holds are read at scrape time."""
+    text = Metrics(FakeEngine()).render()[0].decode()  # type: ignore[arg-type]
+    assert value(text, "mlxd_prompt_cache_lookups_total", tier="ram", result="hit") == 4
+    assert value(text, "mlxd_prompt_cache_lookups_total", tier="disk", result="hit") == 1
+    assert value(text, "mlxd_prompt_cache_lookups_total", tier="disk", result="miss") == 1
+    assert value(text, "mlxd_prompt_cache_bytes", tier="disk") == 2048
+    assert value(text, "mlxd_prompt_cache_entries", tier="ram") == 2
 
 
 def test_metrics_route_is_open_and_per_app() -> None:

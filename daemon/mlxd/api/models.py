@@ -33,6 +33,7 @@ async def health() -> Response:
         "backend": engine.device,
         "queue_depth": engine.queue_depth(),
         "active": engine.active_count(),
+        "prompt_cache": engine.cache_status(),
         "last_reload": st.last_reload,
     }
     if engine.load_error:

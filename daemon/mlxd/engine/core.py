@@ -34,15 +34,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..config import EngineSettings, ModelSettings
 from ..errors import GenerationFailed, MlxdError, ModelLoadError, ModelUnavailable, Overloaded
 from ..logs import get_logger
 from .batch import BatchRunner, Job, make_sampler, warm_up
+from .diskcache import DiskCache, DiskView, model_identity
 from .embed import EmbedTask
 from .loader import LoadedModel
-from .promptcache import PromptCache
+from .promptcache import CacheStats, PromptCache
 from .protocol import (
     Delta,
     EngineStatus,
@@ -79,8 +81,14 @@ class Engine:
     """Owns the MLX thread. Entry points for the event loop: submit, status, retune,
     request_load, abort_all, stop; each hands a command to the thread."""
 
-    def __init__(self, model_settings: ModelSettings, engine_settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        model_settings: ModelSettings,
+        engine_settings: EngineSettings,
+        state_dir: Path | None = None,
+    ) -> None:
         self._model_settings = model_settings
+        self._state_dir = state_dir
         #: The event loop's copy (the queue bound is checked there); the thread gets its own
         #: through the inbox.
         self.settings = engine_settings
@@ -103,8 +111,14 @@ class Engine:
         self._state = "loading"
         self._load_error: str | None = None
         self._device: dict[str, str] = {}
-        self._prompt_cache = PromptCache(engine_settings.prompt_cache_bytes)
         self._embeds: deque[EmbedTask] = deque()
+        #: Lookups per tier: plain counters, written by the engine thread, read by /health.
+        self.cache_stats = CacheStats()
+        #: The disk tier outlives models (one directory per model identity); thread-safe.
+        self.disk_cache = DiskCache(
+            self._disk_root(engine_settings), engine_settings.prompt_cache_disk_bytes
+        )
+        self._prompt_cache = PromptCache(engine_settings.prompt_cache_bytes, stats=self.cache_stats)
 
     # -- called from the event loop (or any thread) -----------------------------------------
     def start(self) -> None:
@@ -148,6 +162,30 @@ class Engine:
                 )
             raise ModelUnavailable("the model is loading; retry shortly", retry_after=2)
         return st.model
+
+    def _disk_root(self, settings: EngineSettings) -> Path | None:
+        """The disk tier's directory; None (tier off) for a relative one without a state dir."""
+        path = Path(settings.prompt_cache_dir).expanduser()
+        if not path.is_absolute():
+            if self._state_dir is None:
+                return None
+            path = self._state_dir / path
+        return path
+
+    def cache_status(self) -> dict[str, dict[str, Any]]:
+        """Prompt-cache hits, misses and bytes per tier, for /health, /metrics, ``mlxd ps``."""
+        stats, status = self.cache_stats, self._status
+        return {
+            "ram": {
+                "hits": stats.ram_hits,
+                "misses": stats.ram_misses,
+                "bytes": status.prompt_cache_bytes,
+                "entries": status.prompt_cache_entries,
+                "budget_bytes": self.settings.prompt_cache_bytes,
+            },
+            "disk": {"hits": stats.disk_hits, "misses": stats.disk_misses}
+            | self.disk_cache.usage(),
+        }
 
     def retune(self, engine_settings: EngineSettings) -> None:
         """Apply live-tunable engine settings: the queue bound at once, the prompt-cache
@@ -211,6 +249,7 @@ class Engine:
         self._inbox.put(("stop", None))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.disk_cache.close()
 
     async def collect(self, job: JobHandle) -> AsyncIterator[Event]:
         """The job's events until Finished or Failed; leaving early cancels the job."""
@@ -229,6 +268,7 @@ class Engine:
         from .. import backend
 
         self._device = backend.device_info()
+        self._apply_cache_limit()
         self._load(self._model_settings, None)
         while True:
             busy = (self._runner is not None and len(self._runner) > 0) or bool(self._embeds)
@@ -281,6 +321,8 @@ class Engine:
             elif cmd == "retune":
                 self._tuning = arg
                 self._prompt_cache.resize(arg.prompt_cache_bytes)
+                self.disk_cache.configure(self._disk_root(arg), arg.prompt_cache_disk_bytes)
+                self._apply_cache_limit()
             elif cmd == "abort":
                 if self._runner is not None:
                     self._runner.fail_all(arg)
@@ -291,6 +333,13 @@ class Engine:
                 if self._load_request is not None:  # a newer edit wins over an older one
                     self._load_request[1].cancel()
                 self._load_request = (settings, fut, time.monotonic() + SWITCH_GRACE_SECONDS)
+
+    def _apply_cache_limit(self) -> None:
+        """Cap MLX's buffer cache: freed buffers it keeps for reuse would otherwise grow
+        toward the memory limit."""
+        import mlx.core as mx
+
+        mx.set_cache_limit(self._tuning.mlx_cache_limit_bytes)
 
     def _cancel_job(self, job_id: int) -> None:
         job = self._jobs.pop(job_id, None)
@@ -371,6 +420,7 @@ class Engine:
             self._runner.close()
         self._current = lm
         self._prompt_cache.clear()  # KV caches of another model are meaningless
+        self._prompt_cache.disk = self._disk_view(lm)
         self._runner = BatchRunner(lm, self._tuning, self._prompt_cache)
         self._model_settings = settings
         self._load_error = None
@@ -393,6 +443,14 @@ class Engine:
 
             del previous
             mx.clear_cache()
+
+    def _disk_view(self, lm: LoadedModel) -> DiskView | None:
+        """The disk tier for ``lm`` (its directory is indexed now), or None if it cannot be."""
+        try:
+            return self.disk_cache.view(model_identity(lm))
+        except OSError as exc:
+            log.warning("prompt_cache.disk_unavailable", error=str(exc))
+            return None
 
     def _load_failed(
         self,

@@ -1,0 +1,630 @@
+"""The prompt cache's disk tier: KV caches that survive restarts, unloads and model switches.
+
+Layout: ``<prompt_cache_dir>/<model key>/<entry>.safetensors``. The model key hashes the
+model's identity (source, weights fingerprint, dtype, MLX and mlx-lm versions), so entries of
+every model live side by side and a model loaded again finds its own. An entry's name hashes
+its tokens. Each file is in mlx-lm's prompt-cache format (``mlx_lm.models.cache.
+load_prompt_cache`` reads it); its safetensors header also carries the format, the identity
+JSON, the tokens and a CRC-32 of the data.
+
+Finding the longest stored prefix without reading every file: when a model's directory is
+first used, only the headers are read (tokens, sizes) and each entry is indexed by the chained
+hashes of its 64-token blocks. A lookup hashes the prompt's blocks and walks the index to the
+deepest block any entry shares; only that entry's file is read.
+
+Threads: writes run on one background writer thread. It never calls MLX: the engine thread
+hands it ``memoryview``s of arrays that are already evaluated (and never mutated: entries are
+immutable), and the writer produces the safetensors bytes itself (temp file, fsync, rename).
+Reading a file into MLX arrays happens on the engine thread (``load``), as every MLX call must.
+
+Safe by construction: a file whose header does not parse, whose size does not match its
+header (truncated), whose CRC fails, whose format is another version or whose identity is
+another model's is deleted with a warning and treated as a miss. A failed write (disk full)
+is logged and skipped; serving goes on. Before each write, least recently used files (mtime,
+touched on every hit, so the order survives restarts) are deleted until the whole directory,
+all models together, fits in ``engine.prompt_cache_disk_bytes``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import queue
+import shutil
+import struct
+import threading
+import time
+import zlib
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..logs import get_logger
+
+if TYPE_CHECKING:
+    from .loader import LoadedModel
+
+log = get_logger("mlxd.engine.diskcache")
+
+FORMAT = "mlxd-prompt-cache/1"
+#: Prefix granularity of the index; a disk hit reuses at least one block.
+BLOCK_TOKENS = 64
+SUFFIX = ".safetensors"
+#: Bytes of KV caches waiting for the writer; beyond it new entries are not written (they
+#: would keep memory alive beyond the RAM budget). One entry is always accepted.
+MAX_PENDING_BYTES = 512 * 1024 * 1024
+#: A header larger than this is not ours (tokens of a 1M-token context are ~5.6 MB).
+_MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: Free space left on the file system after a write.
+_FREE_MARGIN_BYTES = 64 * 1024 * 1024
+_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32"}
+#: ``memoryview.format`` of MLX arrays -> dtype name (MLX exports bfloat16 by name).
+_BUFFER_FORMATS = {"f": "float32", "e": "float16", "i": "int32", "<i": "int32"}
+
+
+class _Invalid(Exception):
+    """A file that is not a usable entry for this model (the message says why)."""
+
+
+# -- identity and hashing ------------------------------------------------------------------
+def model_identity(lm: LoadedModel) -> dict[str, str]:
+    """What a KV cache depends on: the weights, their precision, the code that computed it."""
+    from importlib.metadata import version
+
+    return {
+        "source": f"{lm.source.kind}:{lm.source.path}",
+        "weights": weights_fingerprint(lm.source.path),
+        "dtype": lm.dtype,
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+    }
+
+
+def weights_fingerprint(path: Path) -> str:
+    """Names, sizes and the first and last MiB of every weight and config file: cheap for
+    100 GB models, and a changed file changes it (mtimes are not used: a copy keeps the hit)."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in (".safetensors", ".gguf", ".npz", ".json")
+        )
+    digest = hashlib.blake2b(digest_size=16)
+    for p in files:
+        size = p.stat().st_size
+        digest.update(f"{p.name}\0{size}\0".encode())
+        with p.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()
+
+
+def model_key(identity: dict[str, str]) -> str:
+    return hashlib.blake2b(_identity_json(identity).encode(), digest_size=10).hexdigest()
+
+
+def _identity_json(identity: dict[str, str]) -> str:
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"))
+
+
+def _token_bytes(tokens: list[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def entry_name(tokens: list[int]) -> str:
+    return hashlib.blake2b(_token_bytes(tokens), digest_size=16).hexdigest()
+
+
+def block_chain(tokens: list[int]) -> list[bytes]:
+    """Hash of each full block chained with all blocks before it: equal hash at block j means
+    equal tokens up to (j + 1) * BLOCK_TOKENS."""
+    raw = _token_bytes(tokens)
+    size = BLOCK_TOKENS * 4
+    out: list[bytes] = []
+    h = b""
+    for i in range(len(tokens) // BLOCK_TOKENS):
+        h = hashlib.blake2b(h + raw[i * size : (i + 1) * size], digest_size=16).digest()
+        out.append(h)
+    return out
+
+
+# -- the file format -----------------------------------------------------------------------
+def encode(
+    tokens: list[int], layers: list[tuple[Any, Any]], identity: dict[str, str]
+) -> tuple[bytes, list[Any], int]:
+    """The header bytes, the data buffers in order and the total file size of an entry.
+
+    ``layers`` holds, per layer, the (keys, values) buffers as ``memoryview``s of evaluated
+    MLX arrays, shaped ``(1, heads, len(tokens), dim)``. Key names and metadata follow
+    ``mlx_lm.models.cache.save_prompt_cache``: tensors ``"<layer>.0"`` (keys), ``".1"``
+    (values), ``".2"`` (the offset, an int32 scalar), metadata ``"0.*"`` (ours), ``"1.<layer>"``
+    (the cache class), ``"2.*"`` (which entries are scalars).
+    """
+    offset = struct.pack("<i", len(tokens))
+    tensors: dict[str, Any] = {}
+    buffers: list[Any] = []
+    pos = 0
+    crc = 0
+    for i, (keys, values) in enumerate(layers):
+        scalar = memoryview(offset)
+        for j, buf, fmt in (
+            (0, keys, _BUFFER_FORMATS.get(keys.format, keys.format)),
+            (1, values, _BUFFER_FORMATS.get(values.format, values.format)),
+            (2, scalar, "int32"),
+        ):
+            if fmt not in _DTYPES:
+                raise ValueError(f"cannot store a KV cache of dtype {fmt}")
+            shape = [] if j == 2 else list(buf.shape or ())
+            tensors[f"{i}.{j}"] = {
+                "dtype": _DTYPES[fmt],
+                "shape": shape,
+                "data_offsets": [pos, pos + buf.nbytes],
+            }
+            pos += buf.nbytes
+            crc = zlib.crc32(buf, crc)
+            buffers.append(buf)
+    meta: dict[str, str] = {
+        "0.format": FORMAT,
+        "0.model": _identity_json(identity),
+        "0.tokens": base64.b64encode(_token_bytes(tokens)).decode(),
+        "0.crc32": str(crc),
+        "2.0": "",
+    }
+    for i in range(len(layers)):
+        meta[f"1.{i}"] = "KVCache"
+        meta[f"2.{i + 1}.0"] = f"{i}.2"
+        meta[f"2.{i + 1}.1"] = "scalar"
+    header = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header, buffers, 8 + len(header) + pos
+
+
+@dataclass
+class _Header:
+    meta: dict[str, str]
+    tensors: dict[str, Any]
+    data_start: int
+    data_end: int
+    tokens: list[int]
+
+
+def parse_header(raw: bytes, file_size: int, identity: dict[str, str]) -> _Header:
+    """The checked header of an entry file; raises _Invalid with the reason."""
+    if len(raw) < 8:
+        raise _Invalid("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > _MAX_HEADER_BYTES or 8 + n > len(raw):
+        raise _Invalid("header length out of range (not a safetensors file, or truncated)")
+    try:
+        header = json.loads(raw[8 : 8 + n])
+        meta = header.pop("__metadata__")
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise _Invalid(f"header does not parse: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("0.format") != FORMAT:
+        raise _Invalid(f"format {meta.get('0.format') if isinstance(meta, dict) else None!r}")
+    if meta.get("0.model") != _identity_json(identity):
+        raise _Invalid("written for another model or another MLX/mlx-lm version")
+    try:
+        ends = [int(t["data_offsets"][1]) for t in header.values()]
+        tokens = array("i", base64.b64decode(meta["0.tokens"], validate=True)).tolist()
+        int(meta["0.crc32"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise _Invalid(f"header fields are malformed: {exc}") from None
+    data_end = 8 + n + max(ends, default=0)
+    if data_end != file_size:
+        raise _Invalid(f"size {file_size} does not match its header ({data_end}): truncated")
+    return _Header(meta, header, 8 + n, data_end, tokens)
+
+
+def _read_header(path: Path, identity: dict[str, str]) -> _Header:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += f.read(min(n, _MAX_HEADER_BYTES))
+    return parse_header(head, size, identity)
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+# -- the index -----------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    name: str
+    path: Path
+    n_tokens: int
+    chain: list[bytes]
+
+
+@dataclass
+class _ModelIndex:
+    key: str
+    identity: dict[str, str]
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    by_block: dict[bytes, set[str]] = field(default_factory=dict)
+
+    def add(self, entry: _Entry) -> None:
+        self.entries[entry.name] = entry
+        for h in entry.chain:
+            self.by_block.setdefault(h, set()).add(entry.name)
+
+    def remove(self, name: str) -> None:
+        entry = self.entries.pop(name, None)
+        if entry is None:
+            return
+        for h in entry.chain:
+            names = self.by_block.get(h)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self.by_block[h]
+
+    def deepest(self, chain: list[bytes]) -> tuple[int, set[str]]:
+        """How many leading blocks of ``chain`` some entry shares, and those entries."""
+        found: set[str] = set()
+        depth = 0
+        for h in chain:
+            names = self.by_block.get(h)
+            if not names:
+                break
+            found, depth = names, depth + 1
+        return depth, set(found)
+
+
+@dataclass
+class _Write:
+    key: str
+    name: str
+    tokens: list[int]
+    layers: list[tuple[Any, Any]]  # memoryviews; they keep the MLX arrays alive
+    nbytes: int
+
+
+class DiskCache:
+    """The disk tier of one daemon: a directory shared by all models, one writer thread.
+
+    Thread-safe: the engine thread calls ``view``/``configure`` and the ``DiskView`` methods;
+    the writer thread writes and evicts. One lock guards the index and the size table.
+    """
+
+    def __init__(self, root: Path | None, budget_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self.root: Path | None = None
+        self.budget = 0
+        self._files: dict[Path, tuple[int, float]] = {}  # every entry file: size, last use
+        self._models: dict[str, _ModelIndex] = {}
+        self.writes = 0
+        self.write_failures = 0
+        self.configure(root, budget_bytes)
+
+    # -- configuration ------------------------------------------------------------------
+    def configure(self, root: Path | None, budget_bytes: int) -> None:
+        """Apply ``prompt_cache_dir`` / ``prompt_cache_disk_bytes`` (start and hot reload)."""
+        with self._lock:
+            if root != self.root:
+                self.root = root
+                self._models.clear()
+                self._files = self._scan_sizes() if root is not None else {}
+            self.budget = budget_bytes
+            self._evict(0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None and self.budget > 0
+
+    def _scan_sizes(self) -> dict[Path, tuple[int, float]]:
+        assert self.root is not None
+        files: dict[Path, tuple[int, float]] = {}
+        if not self.root.is_dir():
+            return files
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for p in sub.iterdir():
+                with contextlib.suppress(OSError):
+                    if p.suffix == SUFFIX:
+                        st = p.stat()
+                        files[p] = (st.st_size, st.st_mtime)
+                    elif p.name.endswith(".tmp") and f".{os.getpid()}." not in p.name:
+                        p.unlink()  # left by a crash mid-write
+        return files
+
+    def usage(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "dir": str(self.root) if self.root is not None else None,
+                "budget_bytes": self.budget if self.root is not None else 0,
+                "bytes": sum(size for size, _ in self._files.values()),
+                "entries": len(self._files),
+                "writes": self.writes,
+                "write_failures": self.write_failures,
+            }
+
+    def view(self, identity: dict[str, str]) -> DiskView:
+        """The tier as one model sees it; indexes the model's directory now (headers only)."""
+        view = DiskView(self, identity)
+        self._index(view.key, identity)
+        return view
+
+    def _index(self, key: str, identity: dict[str, str]) -> _ModelIndex | None:
+        with self._lock:
+            if self.root is None:
+                return None
+            index = self._models.get(key)
+            if index is not None:
+                return index
+            index = self._models[key] = _ModelIndex(key, identity)
+            folder = self.root / key
+            paths = sorted(p for p in self._files if p.parent == folder)
+        for path in paths:
+            try:
+                header = _read_header(path, identity)
+                if path.stem != entry_name(header.tokens):
+                    raise _Invalid("its name does not match its tokens")
+            except _Invalid as exc:
+                self._discard(path, str(exc))
+                continue
+            except OSError:
+                continue
+            entry = _Entry(path.stem, path, len(header.tokens), block_chain(header.tokens))
+            with self._lock:
+                index.add(entry)
+        return index
+
+    def _discard(self, path: Path, reason: str) -> None:
+        log.warning("prompt_cache.disk_entry_invalid", path=str(path), reason=reason)
+        self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with self._lock:
+            self._files.pop(path, None)
+            index = self._models.get(path.parent.name)
+            if index is not None:
+                index.remove(path.stem)
+
+    def _evict(self, extra: int) -> None:
+        """Delete least recently used files until ``extra`` more bytes fit (lock held)."""
+        used = sum(size for size, _ in self._files.values())
+        for path, (size, _) in sorted(self._files.items(), key=lambda kv: kv[1][1]):
+            if used + extra <= self.budget:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+            del self._files[path]
+            index = self._models.get(path.parent.name)
+            if index is not None:
+                index.remove(path.stem)
+            used -= size
+
+    # -- the writer thread ----------------------------------------------------------------
+    def put(self, identity: dict[str, str], key: str, tokens: list[int], cache: list[Any]) -> None:
+        """Queue ``cache`` (covering exactly ``tokens``, evaluated) for writing. Engine thread."""
+        if not self.enabled or len(tokens) < BLOCK_TOKENS:
+            return
+        index = self._index(key, identity)
+        if index is None:
+            return
+        name = entry_name(tokens)
+        nbytes = sum(int(c.keys.nbytes) + int(c.values.nbytes) for c in cache)
+        with self._lock:
+            known = index.entries.get(name)
+            if known is not None:
+                self._touch(known.path)
+                return
+            backlog = self._pending and self._pending + nbytes > MAX_PENDING_BYTES
+            if nbytes > self.budget or backlog:
+                return
+            self._pending += nbytes
+        # Taken here, on the engine thread: the arrays are evaluated, so this is a view of
+        # their memory; the writer reads it without calling MLX.
+        layers = [(memoryview(c.keys), memoryview(c.values)) for c in cache]
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._writer, name="mlxd-prompt-cache-writer", daemon=True
+            )
+            self._thread.start()
+        self._jobs.put(_Write(key, name, list(tokens), layers, nbytes))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until queued writes are done (or ``timeout``); True when none is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish queued writes within ``timeout`` and end the writer thread."""
+        self.flush(timeout)
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    def _writer(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._write(job)
+            except Exception as exc:  # never let one entry end the writer
+                self.write_failures += 1
+                log.warning("prompt_cache.disk_write_failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self._pending -= job.nbytes
+
+    def _write(self, job: _Write) -> None:
+        with self._lock:
+            root = self.root
+            index = self._models.get(job.key)
+        if root is None or index is None:
+            return
+        header, buffers, size = encode(job.tokens, job.layers, index.identity)
+        folder = root / job.key
+        final = folder / f"{job.name}{SUFFIX}"
+        with self._lock:
+            if size > self.budget:
+                return
+            self._evict(size)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if _free_bytes(folder) < size + _FREE_MARGIN_BYTES:
+            self.write_failures += 1
+            log.warning("prompt_cache.disk_full", path=str(folder), needed_bytes=size)
+            return
+        tmp = folder / f".{job.name}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+                for buf in buffers:
+                    f.write(buf)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.write_failures += 1
+            log.warning("prompt_cache.disk_write_failed", path=str(final), error=str(exc))
+            return
+        chain = block_chain(job.tokens)
+        with self._lock:
+            self.writes += 1
+            self._files[final] = (size, time.time())
+            if self._models.get(job.key) is not index:
+                return  # reconfigured meanwhile
+            # An entry whose tokens are a prefix of the new one is subsumed by it.
+            for old in list(index.entries.values()):
+                if (
+                    old.n_tokens <= len(job.tokens)
+                    and old.chain == chain[: len(old.chain)]
+                    and old.name == entry_name(job.tokens[: old.n_tokens])
+                ):
+                    index.remove(old.name)
+                    self._files.pop(old.path, None)
+                    with contextlib.suppress(OSError):
+                        old.path.unlink()
+            index.add(_Entry(job.name, final, len(job.tokens), chain))
+            self._evict(0)
+
+    def _touch(self, path: Path) -> None:
+        """Mark ``path`` used now (lock held); the mtime carries the order across restarts."""
+        if path in self._files:
+            self._files[path] = (self._files[path][0], time.time())
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+    # -- lookups (engine thread) ------------------------------------------------------------
+    def longer_than(self, identity: dict[str, str], key: str, prompt: list[int], n: int) -> bool:
+        index = self._index(key, identity) if self.root is not None else None
+        if index is None:
+            return False
+        chain = block_chain(prompt[: len(prompt) - 1])
+        with self._lock:
+            depth, _ = index.deepest(chain)
+        return depth * BLOCK_TOKENS > n
+
+    def load(
+        self, identity: dict[str, str], key: str, prompt: list[int]
+    ) -> tuple[list[int], list[Any]] | None:
+        """The stored entry sharing the longest prefix with ``prompt``, read into MLX."""
+        index = self._index(key, identity) if self.root is not None else None
+        if index is None:
+            return None
+        chain = block_chain(prompt[: len(prompt) - 1])
+        for _ in range(4):  # a few invalid files in a row are deleted, then give up
+            with self._lock:
+                depth, names = index.deepest(chain)
+                candidates = [index.entries[n] for n in names if n in index.entries]
+                if not candidates:
+                    return None
+                entry = max(candidates, key=lambda e: self._files.get(e.path, (0, 0.0))[1])
+            try:
+                tokens, cache = _read_entry(entry.path, identity)
+            except _Invalid as exc:
+                self._discard(entry.path, str(exc))
+                continue
+            except OSError as exc:  # vanished or unreadable: forget it
+                log.warning("prompt_cache.disk_read_failed", path=str(entry.path), error=str(exc))
+                self._delete(entry.path)
+                continue
+            shared = depth * BLOCK_TOKENS
+            if tokens[:shared] != prompt[:shared]:
+                return None  # a hash collision; never serve another prompt's cache
+            with self._lock:
+                self._touch(entry.path)
+            return tokens, cache
+        return None
+
+
+def _read_entry(path: Path, identity: dict[str, str]) -> tuple[list[int], list[Any]]:
+    """Read and check one file and build its KV caches (engine thread: calls MLX)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    raw = path.read_bytes()
+    header = parse_header(raw, len(raw), identity)
+    if zlib.crc32(memoryview(raw)[header.data_start :]) != int(header.meta["0.crc32"]):
+        raise _Invalid("data does not match its checksum (corrupt)")
+    try:
+        arrays = mx.load(io.BytesIO(raw), format="safetensors")
+    except (RuntimeError, ValueError) as exc:
+        raise _Invalid(f"MLX cannot read it: {exc}") from None
+    assert isinstance(arrays, dict)
+    n = len(header.tokens)
+    cache = []
+    for i in range(sum(1 for k in header.meta if k.startswith("1."))):
+        keys, values = arrays.get(f"{i}.0"), arrays.get(f"{i}.1")
+        if keys is None or values is None or keys.ndim != 4 or keys.shape[2] != n:
+            raise _Invalid(f"layer {i} does not cover its {n} tokens")
+        c = KVCache()
+        c.state = (keys, values, n)
+        cache.append(c)
+    if not cache:
+        raise _Invalid("no layers")
+    mx.eval([(c.keys, c.values) for c in cache])
+    return header.tokens, cache
+
+
+class DiskView:
+    """The disk tier bound to one model identity: the narrow interface PromptCache uses."""
+
+    def __init__(self, disk: DiskCache, identity: dict[str, str]) -> None:
+        self.disk = disk
+        self.identity = identity
+        self.key = model_key(identity)
+
+    def longer_than(self, prompt: list[int], n: int) -> bool:
+        """Whether a stored entry shares more than ``n`` tokens with ``prompt`` (index only)."""
+        return self.disk.enabled and self.disk.longer_than(self.identity, self.key, prompt, n)
+
+    def load(self, prompt: list[int]) -> tuple[list[int], list[Any]] | None:
+        return self.disk.load(self.identity, self.key, prompt)
+
+    def put(self, tokens: list[int], cache: list[Any]) -> None:
+        self.disk.put(self.identity, self.key, tokens, cache)
