@@ -31,11 +31,15 @@ def run(settings: Settings, *, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(models, indent=2))
         return 0
-    print(render(models, body.get("memory") or {}))
+    print(render(models, body.get("memory") or {}, body.get("prompt_cache") or {}))
     return 0
 
 
-def render(models: list[dict[str, Any]], memory: dict[str, Any]) -> str:
+def render(
+    models: list[dict[str, Any]],
+    memory: dict[str, Any],
+    prompt_cache: dict[str, Any] | None = None,
+) -> str:
     """The table: one row per configured model, loaded ones first."""
     rows = [("NAME", "STATE", "MEMORY", "IDLE", "UNTIL UNLOAD", "ACTIVE", "FLAGS")]
     order = {"loaded": 0, "loading": 1, "failed": 2, "unloaded": 3}
@@ -67,6 +71,14 @@ def render(models: list[dict[str, Any]], memory: dict[str, Any]) -> str:
     if memory:
         used, limit = memory.get("used_bytes"), memory.get("budget_bytes")
         lines.append(f"\nmemory: {_size(used)} of {_size(limit)} budget")
+    tiers = [
+        f"{name} {_size(t.get('bytes'))} of {_size(t.get('budget_bytes'))}, "
+        f"{t.get('hits', 0)} hits / {t.get('misses', 0)} misses"
+        for name, t in (prompt_cache or {}).items()
+        if isinstance(t, dict)
+    ]
+    if tiers:
+        lines.append("prompt cache: " + "; ".join(tiers))
     return "\n".join(lines)
 
 

@@ -60,6 +60,11 @@ def test_quick_bench_against_both_servers(tmp_path: Path) -> None:
     # /v1/responses is mlxd-only: measured per turn, or one line saying why it was skipped.
     assert {r["server"] for r in responses} == {MLXD}
     assert len(responses) == 3 or responses[0]["skipped"]
+    restart = {r.get("mode"): r for r in lines if r["metric"] == "restart_ttft_ms"}
+    # mlxd only: the same prompt after a restart comes from the prompt cache's disk tier.
+    assert set(restart) == {"cold", "after_restart"}
+    assert {r["server"] for r in restart.values()} == {MLXD}
+    assert restart["after_restart"]["cached_tokens"] >= 128
 
     assert "ratio = mlxd / other" in done.stderr
     doc = json.loads(out.read_text())

@@ -12,7 +12,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, load_prompt_cache
 
 from mlxd.engine import diskcache
-from mlxd.engine.diskcache import BLOCK_TOKENS, DiskCache, DiskView
+from mlxd.engine.diskcache import DiskCache, DiskView
 from mlxd.engine.promptcache import PromptCache, materialize
 
 MODEL_A = {"source": "gguf:/a", "weights": "aa", "dtype": "bfloat16", "mlx": "1", "mlx_lm": "1"}
@@ -67,20 +67,24 @@ def test_an_entry_survives_a_restart_and_serves_a_longer_prompt(tmp_path: Path) 
     again = DiskCache(tmp_path, 1 << 30).view(MODEL_A)
     prompt = toks + tokens(30, seed=1)
     assert again.longer_than(prompt, 0)
-    assert not again.longer_than(prompt, 192)  # RAM already has every whole block
+    assert not again.longer_than(prompt, 200)  # RAM already has all of it
     loaded = again.load(prompt)
     assert loaded is not None
     assert loaded[0] == toks and same(loaded[1], kv(toks))
 
 
 def test_a_prompt_sharing_only_some_blocks_finds_the_entry(tmp_path: Path) -> None:
-    """A prompt that diverges inside block 3 reuses the entry (two whole blocks match)."""
+    """A prompt that diverges inside block 3 reuses the entry's first 150 tokens; of two
+    entries sharing those blocks, the one matching further is read."""
     view = DiskCache(tmp_path, 1 << 30).view(MODEL_A)
     toks = tokens(300)
     stored(view, toks)
+    stored(view, toks[:140] + tokens(160, seed=6))  # shares the same two whole blocks
     prompt = toks[:150] + tokens(100, seed=2)
-    assert view.longer_than(prompt, 2 * BLOCK_TOKENS - 1)
-    assert not view.longer_than(prompt, 2 * BLOCK_TOKENS)
+    assert view.longer_than(prompt, 149)
+    assert not view.longer_than(prompt, 150)
+    loaded = view.load(prompt)
+    assert loaded is not None and loaded[0] == toks
     assert view.load(prompt) is not None
     assert view.load(tokens(300, seed=3)) is None
 

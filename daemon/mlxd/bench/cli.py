@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="repeats per measurement (default 3)")
     p.add_argument("--max-tokens", type=int, help="max_tokens of generation runs (default 200)")
     p.add_argument("--prefill-tokens", type=int, help="approximate prefill prompt size (1000)")
+    p.add_argument(
+        "--restart-tokens", type=int, help="prompt size of the restart suite (default 3000)"
+    )
     p.add_argument("--concurrency", type=int, nargs="+", help="concurrency levels (1 4 8)")
     p.add_argument("--turns", type=int, help="conversation turns (default 10)")
     p.add_argument("--turn-max-tokens", type=int, help="max_tokens per turn (default 48)")

@@ -12,6 +12,7 @@ per process) and on machines that have mlxd's source but not its test tools.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -187,6 +188,8 @@ class Daemon(Server):
     state_dir: Path
     config_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    isolate: bool = False
 
     @property
     def log_path(self) -> Path:
@@ -229,7 +232,18 @@ class Daemon(Server):
         process = spawn(cmd, full_env, log, cwd=cwd, isolate=isolate)
         daemon = cls(name, port, process, log, cmd, state_dir=state_dir, config_path=config_path)
         daemon.env = full_env
+        daemon.cwd, daemon.isolate = cwd, isolate
         return daemon
+
+    def restart(self, timeout: float = START_TIMEOUT) -> Self:
+        """Stop this process and start the same command on the same port and state directory
+        (what survives a restart is what the bench measures); waits until it is ready."""
+        self.stop()
+        log = self.log.with_name(f"{self.log.stem}.restarted{self.log.suffix}")
+        process = spawn(self.command, self.env, log, cwd=self.cwd, isolate=self.isolate)
+        again = dataclasses.replace(self, process=process, log=log, info={})
+        again.wait_ready(timeout)
+        return again
 
 
 def start_reference(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .client import BenchError, HttpStatusError, StreamResult, stream_chat, stream_response
-from .harness import Server
+from .harness import Daemon, Server, get_json
 from .results import Results, median_int
 from .workload import FOLLOW_UPS, LONG_PROMPTS, Workload, prefill_text, tagged
 
@@ -203,6 +204,58 @@ class Bench:
                 **_stream_params(meta[k], max_tokens=w.turn_max_tokens),
             )
 
+    def restart(self) -> None:
+        """Time to first token of a long prompt (``restart_tokens``, ~3,000) cold, then after
+        restarting mlxd (served from the prompt cache's disk tier). mlxd only: the others keep
+        no cache across a restart. Each repeat uses its own prompt, so every cold run is
+        cold."""
+        w = self.work
+        server = self.servers[0]
+        if not isinstance(server, Daemon):
+            self.results.skip(server.name, "restart_ttft_ms", "not a daemon this bench started")
+            return
+        self.log(f"restart: ~{w.restart_tokens}-token prompt, {w.repeats} repeats")
+        doc = prefill_text(w.restart_tokens)
+        cold: list[StreamResult] = []
+        warm: list[StreamResult] = []
+        for r in range(w.repeats):
+            msg = [{"role": "user", "content": tagged(f"restart {r}", doc)}]
+            cold.append(stream_chat(server, msg, 1, self.timeout))
+            _wait_disk_written(server, r + 1, self.timeout)
+            server = server.restart()
+            self.servers[0] = server  # the caller stops what is in its list
+            warm.append(stream_chat(server, msg, 1, self.timeout))
+        for mode, rs in (("cold", cold), ("after_restart", warm)):
+            self.results.measurement(
+                server.name,
+                "restart_ttft_ms",
+                "ms",
+                [x.ttft * 1000 for x in rs],
+                mode=mode,
+                **_stream_params(rs, max_tokens=1),
+            )
+        self.results.measurement(
+            server.name,
+            "restart_ttft_ratio",
+            "x",
+            [a.ttft / b.ttft for a, b in zip(warm, cold, strict=True)],
+            goal="<= 0.2",
+        )
+
+
+def _wait_disk_written(server: Server, entries: int, timeout: float) -> None:
+    """Disk writes run in the background: wait until the tier holds ``entries`` entries."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, health = get_json(server.port, "/health")
+        disk = (health.get("prompt_cache") or {}).get("disk") if isinstance(health, dict) else None
+        if disk is None:
+            raise BenchError(f"{server.name} reports no prompt-cache disk tier in /health")
+        if disk.get("entries", 0) >= entries:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"{server.name}: the prompt cache was not written to disk in {timeout}s")
+
 
 def _stream_params(rs: list[StreamResult], **extra: Any) -> dict[str, Any]:
     cached = [x.cached_tokens for x in rs if x.cached_tokens is not None]
@@ -222,4 +275,5 @@ SUITES: dict[str, Callable[[Bench], None]] = {
     "prefill": Bench.prefill,
     "concurrency": Bench.concurrency,
     "turns": Bench.turns,
+    "restart": Bench.restart,
 }

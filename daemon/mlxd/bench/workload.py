@@ -67,11 +67,12 @@ class Workload:
     turns: int
     turn_max_tokens: int
     warmups: int = 2
+    restart_tokens: int = 3000  # the prompt of the restart suite (TTFT cold vs after restart)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Workload:
         if args.quick:
-            base = cls(1, 8, 60, (1, 2), 3, 4, warmups=1)
+            base = cls(1, 8, 60, (1, 2), 3, 4, warmups=1, restart_tokens=200)
         else:
             base = cls(3, 200, 1000, (1, 4, 8), 10, 48)
         return cls(
@@ -82,4 +83,5 @@ class Workload:
             turns=min(args.turns or base.turns, len(FOLLOW_UPS)),
             turn_max_tokens=args.turn_max_tokens or base.turn_max_tokens,
             warmups=base.warmups,
+            restart_tokens=args.restart_tokens or base.restart_tokens,
         )

@@ -10,7 +10,8 @@ JSON, the tokens and a CRC-32 of the data.
 Finding the longest stored prefix without reading every file: when a model's directory is
 first used, only the headers are read (tokens, sizes) and each entry is indexed by the chained
 hashes of its 64-token blocks. A lookup hashes the prompt's blocks and walks the index to the
-deepest block any entry shares; only that entry's file is read.
+deepest block any entry shares; among those entries (their tokens are kept in memory, 4 bytes
+a token) the longest exact match wins, and only that entry's file is read.
 
 Threads: writes run on one background writer thread. It never calls MLX: the engine thread
 hands it ``memoryview``s of arrays that are already evaluated (and never mutated: entries are
@@ -244,8 +245,24 @@ def _free_bytes(path: Path) -> int:
 class _Entry:
     name: str
     path: Path
-    n_tokens: int
+    tokens: array[int]  # 4 bytes a token: the index picks the best candidate exactly
     chain: list[bytes]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def _shared(a: array[int], b: array[int]) -> int:
+    """Length of the common prefix of two token arrays (slices compare in C)."""
+    n = min(len(a), len(b))
+    lo = 0
+    step = 1024
+    while lo + step <= n and a[lo : lo + step] == b[lo : lo + step]:
+        lo += step
+    while lo < n and a[lo] == b[lo]:
+        lo += 1
+    return lo
 
 
 @dataclass
@@ -271,16 +288,25 @@ class _ModelIndex:
                 if not names:
                     del self.by_block[h]
 
-    def deepest(self, chain: list[bytes]) -> tuple[int, set[str]]:
-        """How many leading blocks of ``chain`` some entry shares, and those entries."""
+    def best(self, prompt: list[int]) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest prefix with ``prompt`` (all but its last token) and
+        that length. The block index narrows the candidates to those sharing the most whole
+        blocks; their tokens decide between them."""
         found: set[str] = set()
-        depth = 0
-        for h in chain:
+        for h in block_chain(prompt[: len(prompt) - 1]):
             names = self.by_block.get(h)
             if not names:
                 break
-            found, depth = names, depth + 1
-        return depth, set(found)
+            found = names
+        want = array("i", prompt[: len(prompt) - 1])
+        best: _Entry | None = None
+        best_n = 0
+        for name in found:
+            entry = self.entries[name]
+            n = _shared(entry.tokens, want)
+            if n > best_n:
+                best, best_n = entry, n
+        return best, best_n
 
 
 @dataclass
@@ -381,7 +407,8 @@ class DiskCache:
                 continue
             except OSError:
                 continue
-            entry = _Entry(path.stem, path, len(header.tokens), block_chain(header.tokens))
+            tokens = array("i", header.tokens)
+            entry = _Entry(path.stem, path, tokens, block_chain(header.tokens))
             with self._lock:
                 index.add(entry)
         return index
@@ -529,7 +556,7 @@ class DiskCache:
                     self._files.pop(old.path, None)
                     with contextlib.suppress(OSError):
                         old.path.unlink()
-            index.add(_Entry(job.name, final, len(job.tokens), chain))
+            index.add(_Entry(job.name, final, array("i", job.tokens), chain))
             self._evict(0)
 
     def _touch(self, path: Path) -> None:
@@ -544,10 +571,9 @@ class DiskCache:
         index = self._index(key, identity) if self.root is not None else None
         if index is None:
             return False
-        chain = block_chain(prompt[: len(prompt) - 1])
         with self._lock:
-            depth, _ = index.deepest(chain)
-        return depth * BLOCK_TOKENS > n
+            _, shared = index.best(prompt)
+        return shared > n
 
     def load(
         self, identity: dict[str, str], key: str, prompt: list[int]
@@ -556,14 +582,11 @@ class DiskCache:
         index = self._index(key, identity) if self.root is not None else None
         if index is None:
             return None
-        chain = block_chain(prompt[: len(prompt) - 1])
         for _ in range(4):  # a few invalid files in a row are deleted, then give up
             with self._lock:
-                depth, names = index.deepest(chain)
-                candidates = [index.entries[n] for n in names if n in index.entries]
-                if not candidates:
-                    return None
-                entry = max(candidates, key=lambda e: self._files.get(e.path, (0, 0.0))[1])
+                entry, shared = index.best(prompt)
+            if entry is None:
+                return None
             try:
                 tokens, cache = _read_entry(entry.path, identity)
             except _Invalid as exc:
@@ -573,9 +596,8 @@ class DiskCache:
                 log.warning("prompt_cache.disk_read_failed", path=str(entry.path), error=str(exc))
                 self._delete(entry.path)
                 continue
-            shared = depth * BLOCK_TOKENS
             if tokens[:shared] != prompt[:shared]:
-                return None  # a hash collision; never serve another prompt's cache
+                return None  # the file is not what the index said; never serve it
             with self._lock:
                 self._touch(entry.path)
             return tokens, cache
