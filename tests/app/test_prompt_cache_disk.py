@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from mlxd.config import EngineSettings, ModelSettings
-from mlxd.engine.core import Delta, Engine, Failed, Finished, GenerationParams, Job
+from mlxd.engine.core import (
+    Delta,
+    Engine,
+    Failed,
+    Finished,
+    GenerationParams,
+    GenerationRequest,
+)
 from mlxd.prompt import build_prompt
 
 pytestmark = pytest.mark.timeout(900)
@@ -36,15 +43,14 @@ def start(folder: Path, disk_bytes: int) -> Engine:
 async def ask(engine: Engine, question: str) -> tuple[str, Finished]:
     lm = engine.require_model()
     prompt = build_prompt(lm, [{"role": "user", "content": FILLER + question}])
-    job = Job(
-        model=lm,
-        prompt=prompt.ids,
-        params=GenerationParams(max_tokens=4, temperature=0.0, top_p=1.0),
-        reasoning_mode="separate",
-        in_think=prompt.in_think,
-        loop=asyncio.get_running_loop(),
+    job = engine.submit(
+        GenerationRequest(
+            model=lm,
+            prompt=prompt.ids,
+            params=GenerationParams(max_tokens=4, temperature=0.0, top_p=1.0),
+            in_think=prompt.in_think,
+        )
     )
-    engine.submit(job)
     text = []
     async for ev in engine.collect(job):
         if isinstance(ev, Delta):

@@ -1,6 +1,6 @@
 """A bounded soak test: several client threads mix chat, responses, streams and disconnects
 against one real daemon on loopback, in three identical rounds (the same seeded request
-sequence each round; ``MLXD_SOAK_OPS`` operations per client and round, default 12).
+sequence each round; ``MLXD_SOAK_OPS`` operations per client and round, default 8).
 
 Pins: zero unexpected errors (only 200s, and 499s the clients caused themselves), memory
 plateaus (resident memory after round 3 within ``RSS_PLATEAU_SHARE`` of after round 1:
@@ -28,7 +28,7 @@ from conftest import Daemon
 
 pytestmark = pytest.mark.e2e
 
-OPS_PER_ROUND = int(os.environ.get("MLXD_SOAK_OPS", "12"))
+OPS_PER_ROUND = int(os.environ.get("MLXD_SOAK_OPS", "8"))
 ROUNDS = 3
 RSS_PLATEAU_SHARE = 0.10
 CLIENTS = 4
@@ -164,11 +164,11 @@ def test_soak_mixed_traffic(start_daemon: Callable[..., Daemon]) -> None:
     the third round within 10% of after the first, every stored response retrievable.
 
     Sampled answers make new prompt-cache entries every round, so the RAM prompt cache is
-    given 32 MiB: it fills during round 1, and from then on its budget must bound the memory
+    given 16 MiB: it fills during round 1, and from then on its budget must bound the memory
     it really holds (before, its entries kept whole batch buffers alive and RSS grew by
     hundreds of MB a round at any budget).
     """
-    d = start_daemon(f"[engine]\nprompt_cache_bytes = {32 * 1024 * 1024}\n")
+    d = start_daemon(f"[engine]\nprompt_cache_bytes = {16 * 1024 * 1024}\n")
     with d.http() as http:
         probe = http.get("/v1/responses/resp_probe")
     responses = not (probe.status_code == 404 and "no route" in probe.text)
