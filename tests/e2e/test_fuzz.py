@@ -321,6 +321,153 @@ def test_fuzz_methods_and_paths(api: httpx.Client, method: str, path: str) -> No
             assert resp.status_code in (400, 404, 405), resp.text[:300]
 
 
+# -- unicode, seeds and nesting on every route ------------------------------------------------
+UNICODE = st.one_of(
+    st.sampled_from(
+        [
+            "\ud800",  # lone high surrogate
+            "\udfff tail",  # lone low surrogate
+            "\ud83d\ude00",  # a pair as two code units: still lone surrogates in Python
+            "\U0001f600\u0301\u0302\u0303" * 3,  # 4-byte emoji with combining marks
+            "\U0001f469\u200d\U0001f4bb\u20dd",  # ZWJ sequence, enclosing mark
+            "e" + "\u0301" * 40,  # a run of combining marks (short: prompts stay small)
+            "\ufeff\u202e\u2066rtl\u2069",  # BOM, bidi overrides
+            "\ufffe\uffff\U0010ffff",  # noncharacters
+            "\x00\x1b[31m",  # NUL, terminal escape
+            "\ue000\U000f0000",  # private use
+        ]
+    ),
+    st.text(
+        alphabet=st.characters(codec=None, categories=["Cs", "Mn", "So", "Cf", "Co"]),
+        min_size=1,
+        max_size=12,
+    ),
+)
+SEEDS = st.one_of(HUGE, st.integers(-(2**70), 2**70), st.sampled_from([-1, 2**64 - 1, 2**64]))
+
+
+def _deep(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+NESTED = st.builds(_deep, st.integers(50, 400), SCALARS)
+DEEP_ARGUMENTS = st.integers(50, 5000).map(lambda n: "[" * n + "]" * n)
+
+
+def _chat_body(text: Any, seed: Any, extra: Any, arguments: Any) -> dict[str, Any]:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    return {
+        "messages": [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": text},
+        ],
+        "max_tokens": 2,
+        "seed": seed,
+        "user": text,
+        "extra": extra,
+    }
+
+
+def _responses_body(text: Any, seed: Any, extra: Any, arguments: Any) -> dict[str, Any]:
+    return {
+        "input": [
+            {"type": "message", "role": "user", "content": text, "id": f"msg_{text}"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": arguments},
+            {"type": "function_call_output", "call_id": "c1", "output": text},
+        ],
+        "max_output_tokens": 2,
+        "seed": seed,
+        "metadata": {"k": text, text[:64]: "v"},
+        "user": text,
+        "extra": extra,
+    }
+
+
+def _messages_body(text: Any, seed: Any, extra: Any, arguments: Any) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "max_tokens": 2,
+        "system": text,
+        "messages": [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "f", "input": extra}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": arguments}]},
+        ],
+        "metadata": {"user_id": text},
+    }  # fmt: skip
+
+
+ROUTE_BODIES = {
+    "/v1/chat/completions": _chat_body,
+    "/v1/responses": _responses_body,
+    "/v1/messages": _messages_body,
+    "/v1/messages/count_tokens": _messages_body,
+}
+
+
+def assert_sane_any(resp: httpx.Response, path: str) -> None:
+    """No 5xx; errors in the shape of the route's API (Anthropic's on /v1/messages)."""
+    if not path.startswith("/v1/messages"):
+        assert_sane(resp)
+        return
+    assert resp.status_code < 500, f"{resp.status_code}: {resp.text[:500]}"
+    if resp.status_code >= 400:
+        body = resp.json()
+        assert body["type"] == "error" and body["error"]["message"], body
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    path=st.sampled_from(sorted(ROUTE_BODIES)),
+    text=UNICODE,
+    seed=st.one_of(st.none(), SEEDS),
+    extra=st.one_of(st.none(), NESTED),
+    arguments=st.one_of(st.just("{}"), DEEP_ARGUMENTS, UNICODE),
+    stream=st.booleans(),
+)
+def test_fuzz_unicode_seeds_and_nesting_on_every_route(
+    api: httpx.Client, path: str, text: str, seed: Any, extra: Any, arguments: Any, stream: bool
+) -> None:
+    """Lone surrogates, combining marks and other unicode edge cases, seeds of any size and
+    bodies nested hundreds deep (in any field and inside tool-call arguments) get a clear 4xx
+    or a normal answer on every generating route, streaming or not; never a 5xx."""
+    body = ROUTE_BODIES[path](text, seed, extra, arguments)
+    if stream and "count_tokens" not in path:
+        body["stream"] = True
+    content = json.dumps(body).encode()  # lone surrogates travel as \ud800 escapes
+    headers = {"content-type": "application/json"}
+    with api.stream("POST", path, content=content, headers=headers) as resp:
+        resp.read()
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        assert resp.status_code == 200
+        assert "internal_error" not in resp.text and "api_error" not in resp.text, resp.text[-500:]
+        return
+    assert_sane_any(resp, path)
+
+
+@settings(FUZZ, max_examples=30)
+@given(
+    method=st.sampled_from(["GET", "DELETE"]),
+    raw=st.sampled_from(["%ED%A0%80", "%F0%9F%98%80%CC%81", "%C0%AF", "%EF%BF%BE", "\u00e9"]),
+    where=st.sampled_from(["/v1/models/{}", "/v1/responses/{}", "/v1/responses/{}/input_items",
+                           "/v1/responses/r/input_items?after={}&order={}"]),
+)  # fmt: skip
+def test_fuzz_unicode_in_paths_and_queries(
+    api: httpx.Client, method: str, raw: str, where: str
+) -> None:
+    """Ids and query values holding encoded surrogates, overlong UTF-8 or noncharacters are
+    4xx OpenAI errors."""
+    resp = api.request(method, where.replace("{}", raw))
+    assert_sane(resp, method)
+    assert 400 <= resp.status_code < 500 or resp.status_code == 200, resp.text[:300]
+
+
 def test_daemon_still_serves_after_fuzzing(shared_daemon: Daemon) -> None:
     """After the fuzz runs, /health is ok and a real completion succeeds."""
     with shared_daemon.http() as http:
