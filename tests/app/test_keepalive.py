@@ -18,7 +18,7 @@ from mlxd.api.app import create_app
 from mlxd.api.context import AppState
 from mlxd.config import Settings
 from mlxd.conversations.store import Store
-from mlxd.engine.core import Delta, Finished, Job
+from mlxd.engine.core import Delta, Finished, GenerationRequest, JobHandle
 
 SILENCE = 0.6  # seconds before the first token; the keep-alive interval is 0.05 s
 
@@ -26,12 +26,15 @@ SILENCE = 0.6  # seconds before the first token; the keep-alive interval is 0.05
 class SlowEngine(ScriptedEngine):
     """Engine stand-in that says nothing for SILENCE seconds, then answers "Hello"."""
 
-    def submit(self, job: Job) -> None:
+    def submit(self, request: GenerationRequest) -> JobHandle:
+        job = JobHandle(1, request, asyncio.get_running_loop(), lambda _: None)
+
         def answer() -> None:
-            job.events.put_nowait(Delta("Hello"))
-            job.events.put_nowait(Finished("stop", len(job.prompt), 1))
+            job.deliver(Delta("Hello"))
+            job.deliver(Finished("stop", len(request.prompt), 1))
 
         asyncio.get_running_loop().call_later(SILENCE, answer)
+        return job
 
 
 def stream(tmp_path: Path, path: str, body: dict[str, Any]) -> str:

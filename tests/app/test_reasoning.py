@@ -75,6 +75,9 @@ class ScriptedEngine:
     def active_count(self) -> int:
         return 0
 
+    def cache_status(self) -> dict[str, dict[str, Any]]:
+        return {}
+
     def submit(self, request: GenerationRequest) -> JobHandle:
         """Like the engine: one piece per decoding step; steps that start or end inside
         <think> are counted as reasoning tokens."""
