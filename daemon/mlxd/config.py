@@ -80,6 +80,12 @@ class ServerSettings(_Section):
         description="Largest request body accepted; bigger requests get 413. Agent clients resend "
         "the whole history each turn, so keep it generous.",
     )
+    body_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest time a request body may take to arrive, first byte to last; a client "
+        "that sends part of its body and goes quiet gets 408 and its connection is freed.",
+    )
     max_tokens_limit: int = Field(
         32768,
         ge=1,

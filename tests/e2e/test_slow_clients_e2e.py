@@ -7,6 +7,7 @@ import contextlib
 import resource
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,23 @@ def test_health_answers_under_thousands_of_idle_half_sent_connections(
             with contextlib.suppress(OSError):
                 sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_half_sent_body_gets_408_and_frees_the_connection(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A body shorter than its Content-Length, then silence: 408 after
+    server.body_timeout_seconds (the connection used to be held until the client gave up)."""
+    d = start_daemon("[server]\nbody_timeout_seconds = 2\n")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=60) as sock:
+        sock.sendall(head + b'{"messages": [')
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            data = sock.recv(65536)
+            assert data, f"closed without an answer: {reply!r}"
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]

@@ -28,8 +28,9 @@ def create_app(app_state: AppState) -> Quart:
     app.extensions["mlxd"] = app_state
     # Streams can run for many minutes: Quart's 60 s RESPONSE_TIMEOUT would cut them silently.
     app.config["RESPONSE_TIMEOUT"] = None
-    # Whole-body deadline: a client that sends part of its body and goes silent gets 408.
-    app.config["BODY_TIMEOUT"] = body.BODY_TIMEOUT_SECONDS
+    # Whole-body deadline for Quart's own readers; mlxd.api.body applies
+    # server.body_timeout_seconds to the bodies mlxd reads.
+    app.config["BODY_TIMEOUT"] = app_state.settings.server.body_timeout_seconds
     # The size limit is enforced by mlxd.api.body, which reads and discards an oversized
     # body before answering 413; Quart's own limit would answer while the client is still
     # sending, and the client would see a broken pipe instead of the 413.
@@ -60,7 +61,8 @@ def create_app(app_state: AppState) -> Quart:
             metrics=st.metrics,
         )
         body.check_headers()
-        await body.refuse_oversized(st.settings.server.max_body_bytes)
+        server = st.settings.server
+        await body.refuse_oversized(server.max_body_bytes, server.body_timeout_seconds)
         return await security.check(st)
 
     @app.after_request

@@ -10,7 +10,7 @@ or a record the archive could never write):
 * **Size**: a body over ``server.max_body_bytes`` gets 413 ``request_too_large``, but only
   after it has been read and discarded (up to :func:`discard_limit`), so the client is
   listening when the answer comes, instead of seeing a broken pipe (nginx does the same).
-  A body that stops arriving gets 408 after :data:`BODY_TIMEOUT_SECONDS`.
+  A body that stops arriving gets 408 after ``server.body_timeout_seconds``.
 * **Headers**: more than :data:`MAX_HEADERS` header lines get 431.
 * **Lone surrogates** (``"\\ud800"`` is valid JSON but not Unicode text): they cannot be
   encoded as UTF-8, so the tokenizer, the store and the archive would fail on them.
@@ -36,8 +36,6 @@ MAX_DEPTH = 64
 #: Keys whose string values are JSON that mlxd parses (tool-call arguments).
 _EMBEDDED_JSON_KEYS = frozenset({"arguments"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
-#: Longest time a request body may take to arrive, start to end (Quart's BODY_TIMEOUT).
-BODY_TIMEOUT_SECONDS = 60
 #: Most header lines in one request (hypercorn bounds their total size at 16 KiB).
 MAX_HEADERS = 100
 
@@ -59,40 +57,41 @@ def check_headers() -> None:
         raise err
 
 
-async def refuse_oversized(max_body_bytes: int) -> None:
+async def refuse_oversized(max_body_bytes: int, timeout: float) -> None:
     """413 for a declared Content-Length over the limit, after draining the body."""
     length = request.content_length
     if length is None or length <= max_body_bytes:
         return
-    await _drain(discard_limit(max_body_bytes))
+    await _drain(discard_limit(max_body_bytes), timeout)
     raise PayloadTooLarge(
         f"request body of {length} bytes exceeds server.max_body_bytes ({max_body_bytes})"
     )
 
 
-async def read_limited(max_body_bytes: int) -> bytes:
-    """The whole body, or 413 once it grows past the limit (chunked bodies have no length)."""
+async def read_limited(max_body_bytes: int, timeout: float) -> bytes:
+    """The whole body, or 413 once it grows past the limit (chunked bodies have no length),
+    or 408 when it has not fully arrived after ``timeout`` seconds."""
     data = bytearray()
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+        async with asyncio.timeout(timeout):
             async for chunk in request.body:
                 data += chunk
                 if len(data) > max_body_bytes:
                     break
     except TimeoutError:
-        raise _body_timeout() from None
+        raise _body_timeout(timeout) from None
     if len(data) > max_body_bytes:
-        await _drain(discard_limit(max_body_bytes) - len(data))
+        await _drain(discard_limit(max_body_bytes) - len(data), timeout)
         raise PayloadTooLarge(f"request body exceeds server.max_body_bytes ({max_body_bytes})")
     return bytes(data)
 
 
-async def _drain(budget: int) -> None:
+async def _drain(budget: int, timeout: float) -> None:
     """Read and drop up to ``budget`` more bytes; past it, the answer goes out anyway and the
     connection is closed (after_request says ``Connection: close``)."""
     seen = 0
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+        async with asyncio.timeout(timeout):
             async for chunk in request.body:
                 seen += len(chunk)
                 if seen >= budget:
@@ -101,9 +100,9 @@ async def _drain(budget: int) -> None:
         return
 
 
-def _body_timeout() -> MlxdError:
+def _body_timeout(timeout: float) -> MlxdError:
     err = MlxdError(
-        f"the request body did not arrive within {BODY_TIMEOUT_SECONDS} s",
+        f"the request body did not arrive within {timeout:g} s (server.body_timeout_seconds)",
         code="request_timeout",
     )
     err.status, err.type = 408, "invalid_request_error"

@@ -124,7 +124,8 @@ def error_response(exc: MlxdError) -> Response:
 async def json_body() -> dict[str, Any]:
     """The request's JSON object, or a 400 that says what is wrong with it (see mlxd.api.body
     for the limits on size, nesting and text)."""
-    raw = await body.read_limited(state().settings.server.max_body_bytes)
+    server = state().settings.server
+    raw = await body.read_limited(server.max_body_bytes, server.body_timeout_seconds)
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
