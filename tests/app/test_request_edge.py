@@ -36,6 +36,9 @@ class UnreachableEngine:
     def active_count(self) -> int:
         return 0
 
+    def cache_status(self) -> dict[str, dict[str, int]]:
+        return {}
+
     def require_model(self) -> Any:
         raise AssertionError("a request that should be refused at the edge reached the engine")
 
