@@ -3,7 +3,7 @@
 Everything here is immutable or owned by one side: a :class:`GenerationRequest` is frozen, the
 events are frozen, :class:`EngineStatus` is a snapshot the engine thread publishes whole. The
 one object both sides hold is the :class:`JobHandle`, and of it the engine thread touches only
-``deliver`` (which hops onto the event loop); everything else belongs to the event loop. So no
+``loop`` (to hop onto it with the step's events); everything else belongs to the event loop. So no
 field is ever written by one thread while the other reads it.
 """
 
@@ -123,11 +123,19 @@ class JobHandle:
     def prompt(self) -> list[int]:
         return self.request.prompt
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     def deliver(self, event: Event) -> None:
-        """Called on the engine thread: queue ``event`` on the event loop."""
+        """From any thread: queue ``event`` on the handle's event loop."""
         # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def deliver_now(self, event: Event) -> None:
+        """On the handle's event loop: queue ``event``."""
+        self._events.put_nowait(event)
 
     def cancel(self) -> None:
         """The client went away (or the request is over): tell the engine to drop the job."""
