@@ -16,14 +16,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, jsonify
 
 from .. import __version__
-from ..errors import MlxdError
+from ..errors import BadRequest, MlxdError
 from ..prompt import content_text
 from . import pipeline, sse
 from .context import json_body, record, state
+from .logprobs import Logprobs
 from .params import MAX_CHOICES, SamplingFields, StopField, StreamOptions, normalize_stop, parse
 from .pipeline import Choice, Done, Piece, Reasoning, Sampling
 from .tools import Call, CallArguments, CallStarted, Text, json_format
@@ -51,17 +52,19 @@ class ChatRequest(SamplingFields, StopField):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported by mlxd")
-        return v
+    def logprobs_k(self) -> int | None:
+        """None without logprobs; else how many alternatives per token."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest(
+                "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value"
+            )
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -106,12 +109,13 @@ async def chat_completions() -> Response:
             seed=req.seed,
             repetition_penalty=req.repetition_penalty,
             stop=normalize_stop(req.stop),
+            logprobs=req.logprobs_k(),
         ),
         n=req.n,
     )
     head = _Head(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), group.model_id)
     if not req.stream:
-        choices = _Choices([_Message() for _ in group.gens])
+        choices = _Choices([_Message(bool(req.logprobs)) for _ in group.gens])
         done = await pipeline.collect(group, choices.take)
         return jsonify(head.completion(choices, done))
     keepalive = st.settings.server.sse_keepalive_seconds
@@ -164,7 +168,7 @@ class _Head:
                 {
                     "index": i,
                     "message": message.body(end),
-                    "logprobs": None,
+                    "logprobs": message.logprobs(),
                     "finish_reason": end.finish_reason,
                 }
                 for i, (message, end) in enumerate(choices.finished())
@@ -189,14 +193,21 @@ class _Head:
 class _Message:
     """The collector: the assistant message of a non-streaming completion."""
 
+    want_logprobs: bool = False
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
 
     def take(self, piece: Piece) -> None:
         if isinstance(piece, Text):
             self.text.append(piece.text)
         elif isinstance(piece, Reasoning):
             self.reasoning.append(piece.text)
+        elif isinstance(piece, Logprobs):
+            self.tokens += [e.wire() for e in piece.entries]
+
+    def logprobs(self) -> dict[str, Any] | None:
+        return {"content": self.tokens, "refusal": None} if self.want_logprobs else None
 
     def body(self, done: Done) -> dict[str, Any]:
         text = "".join(self.text)
@@ -234,9 +245,13 @@ class _ChunkRenderer:
     head: _Head
     include_usage: bool
     choices: int = 1
+    #: Per choice: logprobs not sent yet; they go on that choice's next frame.
+    pending: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def _frame(self, index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        tokens = self.pending.pop(index, None)
+        logprobs = {"content": tokens, "refusal": None} if tokens else None
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         extra = {"usage": None} if self.include_usage else {}
         return sse.data_frame(self.head.chunk([choice], **extra))
 
@@ -247,9 +262,14 @@ class _ChunkRenderer:
         return sse.KEEPALIVE
 
     def piece(self, piece: Choice) -> list[bytes]:
-        if isinstance(piece.item, Done):
-            return [self._frame(piece.index, {}, piece.item.finish_reason)]
-        return [self._frame(piece.index, self._delta(piece.item))]
+        i, item = piece.index, piece.item
+        if isinstance(item, Logprobs):
+            self.pending.setdefault(i, []).extend(e.wire() for e in item.entries)
+            return []
+        if isinstance(item, Done):
+            frames = [self._frame(i, {})] if self.pending.get(i) else []
+            return [*frames, self._frame(i, {}, item.finish_reason)]
+        return [self._frame(i, self._delta(item))]
 
     def _delta(self, piece: Piece) -> dict[str, Any]:
         if isinstance(piece, Text):

@@ -22,6 +22,7 @@ from ..engine.loader import LoadedModel
 from ..errors import BadRequest, ContextLengthExceeded, MlxdError
 from . import pipeline, sse
 from .context import json_body, record, state
+from .logprobs import Entry, Logprobs, legacy
 from .params import MAX_CHOICES, SamplingFields, StopField, StreamOptions, normalize_stop, parse
 from .pipeline import Choice, Done, Sampling
 from .tools import Text
@@ -41,6 +42,7 @@ class CompletionRequest(SamplingFields, StopField):
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
     stream_options: StreamOptions | None = None
@@ -97,6 +99,12 @@ async def completions() -> Response:
         raise BadRequest(
             "best_of other than n is not supported by mlxd", param="best_of", code="unsupported"
         )
+    if req.echo and req.logprobs is not None:
+        raise BadRequest(
+            "echo with logprobs (scoring the prompt's tokens) is not supported by mlxd",
+            param="logprobs",
+            code="unsupported",
+        )
     if req.suffix:
         raise BadRequest("suffix is not supported by mlxd", param="suffix", code="unsupported")
     lm = st.engine.require_model()
@@ -121,6 +129,7 @@ async def completions() -> Response:
             seed=req.seed,
             repetition_penalty=req.repetition_penalty,
             stop=normalize_stop(req.stop),
+            logprobs=req.logprobs,
         ),
     )
     echoes = [""] * len(group.gens)
@@ -129,7 +138,7 @@ async def completions() -> Response:
         echoes = [texts[i // req.n] for i in range(len(group.gens))]
     head = _Head(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), group.model_id)
     if not req.stream:
-        texts_out = _Texts(echoes)
+        texts_out = _Texts(echoes, req.logprobs is not None)
         done = await pipeline.collect(group, texts_out.take)
         return jsonify(head.completion(texts_out, done))
     keepalive = st.settings.server.sse_keepalive_seconds
@@ -172,7 +181,9 @@ class _Head:
             {
                 "text": "".join(parts),
                 "index": i,
-                "logprobs": None,
+                "logprobs": legacy(texts.tokens[i], len(texts.echoes[i]))
+                if texts.want_logprobs
+                else None,
                 "finish_reason": texts.ends[i],
             }
             for i, parts in enumerate(texts.parts)
@@ -185,15 +196,20 @@ class _Texts:
     """The collector: every choice's text (after its echoed prompt) and finish reason."""
 
     echoes: list[str]
+    want_logprobs: bool = False
     parts: list[list[str]] = field(default_factory=list)
     ends: list[str | None] = field(default_factory=list)
+    tokens: list[list[Entry]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.parts = [[echo] for echo in self.echoes]
         self.ends = [None] * len(self.echoes)
+        self.tokens = [[] for _ in self.echoes]
 
     def take(self, choice: Choice) -> None:
-        if isinstance(choice.item, Text):
+        if isinstance(choice.item, Logprobs):
+            self.tokens[choice.index] += choice.item.entries
+        elif isinstance(choice.item, Text):
             self.parts[choice.index].append(choice.item.text)
         elif isinstance(choice.item, Done):
             self.ends[choice.index] = choice.item.finish_reason
@@ -207,9 +223,16 @@ class _ChunkRenderer:
     head: _Head
     echoes: list[str]
     include_usage: bool
+    #: Per choice: logprob entries not sent yet, and the length of the text sent so far.
+    pending: dict[int, list[Entry]] = field(default_factory=dict)
+    sent: dict[int, int] = field(default_factory=dict)
 
     def _frame(self, index: int, text: str, finish: str | None = None) -> bytes:
-        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+        offset = self.sent.get(index, 0)
+        self.sent[index] = offset + len(text)
+        tokens = self.pending.pop(index, None)
+        logprobs = legacy(tokens, offset) if tokens else None
+        choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
         extra = {"usage": None} if self.include_usage else {}
         return sse.data_frame(self.head.body([choice], **extra))
 
@@ -220,6 +243,9 @@ class _ChunkRenderer:
         return sse.KEEPALIVE
 
     def piece(self, piece: Choice) -> list[bytes]:
+        if isinstance(piece.item, Logprobs):
+            self.pending.setdefault(piece.index, []).extend(piece.item.entries)
+            return []
         if isinstance(piece.item, Done):
             return [self._frame(piece.index, "", piece.item.finish_reason)]
         if isinstance(piece.item, Text):

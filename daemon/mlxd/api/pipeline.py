@@ -34,6 +34,7 @@ from ..errors import MlxdError
 from ..logs import get_logger
 from ..prompt import Prompt, build_prompt
 from .context import AppState, RequestRecord
+from .logprobs import Logprobs, TokenText
 from .params import generation_params
 from .tools import Call, CallArguments, CallStarted, JsonFormat, OutputPlan, Text, plan_output
 
@@ -56,6 +57,8 @@ class Sampling:
     repetition_penalty: float | None
     stop: tuple[str, ...] = ()
     top_k: int | None = None
+    #: None: no logprobs; k: each token's logprob and its k most likely alternatives.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Reasoning:
     text: str
 
 
-Piece = Reasoning | Text | CallStarted | CallArguments
+Piece = Reasoning | Text | CallStarted | CallArguments | Logprobs
 
 
 @dataclass(frozen=True)
@@ -329,8 +332,7 @@ def _submit(
             top_k=sampling.top_k,
             logits_processors=(GrammarProcessor(plan.grammar),) if plan.grammar else (),
         )
-        if raw_text:
-            params = replace(params, raw_text=True)
+        params = replace(params, raw_text=raw_text, logprobs=sampling.logprobs)
         for j in range(n):
             # With a seed, choice j samples with seed + j: n copies of one sample would make
             # n pointless, and the request stays reproducible.
@@ -378,6 +380,7 @@ async def pieces(gen: Generation, interval: float | None) -> AsyncIterator[Piece
     raises its error. Leaving early cancels the job."""
     job, rec = gen.job, gen.record
     reader = gen.plan.reader()
+    texts: TokenText | None = None  # made when the first logprobs arrive
     pending, gen.first = gen.first, None
     try:
         while True:
@@ -388,6 +391,10 @@ async def pieces(gen: Generation, interval: float | None) -> AsyncIterator[Piece
             elif isinstance(event, Delta):
                 if rec.first_token_at is None:
                     rec.first_token_at = time.perf_counter()
+                if event.logprobs:
+                    if texts is None:
+                        texts = TokenText(job.request.model.tokenizer)
+                    yield Logprobs(tuple(texts.entry(e) for e in event.logprobs))
                 if event.reasoning:
                     yield Reasoning(event.reasoning)
                 for piece in reader.feed(event.content):

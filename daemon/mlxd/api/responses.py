@@ -133,6 +133,7 @@ async def create_response() -> Response:
                 top_p=req.top_p,
                 seed=req.seed,
                 repetition_penalty=req.repetition_penalty,
+                logprobs=req.logprobs_k(),
             ),
         )
         head = ResponseHead(new_id("resp"), int(time.time()), gen.model_id, req, gen.job.params)

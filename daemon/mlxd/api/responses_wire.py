@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from ..conversations.items import new_id
 from ..engine.core import GenerationParams
 from ..errors import MlxdError
+from .logprobs import Logprobs
 from .params import SamplingFields
 from .pipeline import Done, Piece, Reasoning
 from .tools import Call, CallArguments, CallStarted, Text
@@ -35,6 +36,15 @@ class ResponsesRequest(SamplingFields):
     text: dict[str, Any] | None = None
     truncation: str | None = None
     user: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_k(self) -> int | None:
+        """None unless ``include`` asks for output text logprobs; else how many
+        alternatives per token (``top_logprobs``, default 0)."""
+        if LOGPROBS_INCLUDE in (self.include or []):
+            return self.top_logprobs or 0
+        return None
 
     @field_validator("input")
     @classmethod
@@ -53,6 +63,9 @@ class ResponsesRequest(SamplingFields):
         return v
 
 
+#: The ``include`` value that asks for the tokens of output text with their logprobs.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
 OutputEvent = tuple[str, dict[str, Any]]  # (event type, payload without type/sequence)
 
 
@@ -63,6 +76,7 @@ class _Item:
     text: list[str] = field(default_factory=list)
     call: Call | None = None
     done: bool = False
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -75,9 +89,15 @@ class OutputItems:
     """
 
     entries: list[_Item] = field(default_factory=list)
+    #: Logprobs of tokens whose text has not come yet (they precede it in the pipeline).
+    pending: list[dict[str, Any]] = field(default_factory=list)
 
     def take(self, piece: Piece) -> list[OutputEvent]:
+        if isinstance(piece, Logprobs):
+            self.pending += [e.wire() for e in piece.entries]
+            return []
         if isinstance(piece, Reasoning):
+            self.pending.clear()  # output text logprobs only
             return self._reasoning(piece.text)
         return self._read([piece])
 
@@ -85,6 +105,10 @@ class OutputItems:
         events: list[OutputEvent] = []
         if not any(e.kind != "reasoning" for e in self.entries):
             events += self._open("message")
+        last = self.entries[-1]
+        if last.kind == "message" and not last.done:
+            last.logprobs += self.pending
+        self.pending = []
         return events + self._close(status)
 
     def _reasoning(self, text: str) -> list[OutputEvent]:
@@ -104,11 +128,14 @@ class OutputItems:
                 events += self._open("message")
                 i = len(self.entries) - 1
                 self.entries[i].text.append(ev.text)
+                tokens, self.pending = self.pending, []
+                self.entries[i].logprobs += tokens
                 loc = {"item_id": self.entries[i].id, "output_index": i, "content_index": 0}
                 events.append(
-                    ("response.output_text.delta", {**loc, "delta": ev.text, "logprobs": []})
+                    ("response.output_text.delta", {**loc, "delta": ev.text, "logprobs": tokens})
                 )
             elif isinstance(ev, CallStarted):
+                self.pending.clear()  # output text logprobs only
                 events += self._open("function_call", ev.call)
             elif isinstance(ev, CallArguments):
                 i = len(self.entries) - 1
@@ -154,7 +181,9 @@ class OutputItems:
             events.append(("response.content_part.done", {**loc, "part": self._part(entry)}))
         elif entry.kind == "message":
             loc["content_index"] = 0
-            events.append(("response.output_text.done", {**loc, "text": text, "logprobs": []}))
+            events.append(
+                ("response.output_text.done", {**loc, "text": text, "logprobs": entry.logprobs})
+            )
             events.append(("response.content_part.done", {**loc, "part": self._part(entry)}))
         else:
             assert entry.call is not None
@@ -177,7 +206,12 @@ class OutputItems:
         text = "".join(entry.text)
         if entry.kind == "reasoning":
             return {"type": "reasoning_text", "text": text}
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {
+            "type": "output_text",
+            "text": text,
+            "annotations": [],
+            "logprobs": list(entry.logprobs),
+        }
 
     def _snapshot(self, entry: _Item, status: str) -> dict[str, Any]:
         if entry.kind == "function_call":
@@ -264,6 +298,7 @@ class ResponseHead:
             "store": req.store,
             "temperature": self.params.temperature,
             "top_p": self.params.top_p,
+            "top_logprobs": req.top_logprobs,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
             "tools": req.tools or [],

@@ -14,17 +14,26 @@ an ordinary stop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..config import EngineSettings
 from ..errors import BadRequest, GenerationFailed, MlxdError
 from ..logs import get_logger
 from .loader import LoadedModel
 from .promptcache import PromptCache
-from .protocol import Delta, Event, Failed, Finished, GenerationRequest, LogitsProcessor
+from .protocol import (
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    LogitsProcessor,
+    TokenLogprob,
+)
 from .solo import SoloSequence
 from .textfilter import TextFilter
 
@@ -55,6 +64,8 @@ class Job:
     grammars: list[Any] = field(default_factory=list)
     sampler: Any = None
     processors: list[LogitsProcessor] = field(default_factory=list)
+    #: Logprobs of tokens whose text has not been sent yet (requests that asked for them).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def sequence_error(self) -> str | None:
         if self.error is not None:
@@ -124,7 +135,9 @@ class BatchRunner:
         prompt = job.request.prompt
         cache, n_cached = self.prompt_cache.lookup(prompt)
         job.cached_tokens = n_cached
-        if not self.active:
+        # The fast path samples without keeping logprobs: a request for them runs in the
+        # batch, whose generator returns every token's.
+        if not self.active and p.logprobs is None:
             if cache is None:
                 cache = make_prompt_cache(self.lm.model)
             solo = SoloSequence(
@@ -174,6 +187,8 @@ class BatchRunner:
         """Move the batch's last sequence to the fast path."""
         if self._solo is not None or len(self.active) != 1:
             return
+        if next(iter(self.active.values())).request.params.logprobs is not None:
+            return  # logprobs come from the batch (see add)
         sole = _sole_generation(self._gen)
         if sole is None:
             return
@@ -271,13 +286,16 @@ class BatchRunner:
             if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
                 self._finish(job, "stop")
                 continue
-            self._text(job, r.token)
+            self._text(job, r.token, r.logprobs)
             if not job.done and r.finish_reason == "length":
                 self._finish(job, "length")
 
-    def _text(self, job: Job, token: int) -> None:
+    def _text(self, job: Job, token: int, logprobs: Any = None) -> None:
         assert job.text is not None
         job.completion_tokens += 1
+        k = job.request.params.logprobs
+        if k is not None and logprobs is not None:
+            job.logprobs.append(token_logprob(logprobs, token, k))
         job.detokenizer.add_token(token)
         segment = job.detokenizer.last_segment
         thinking = job.text.in_think
@@ -285,7 +303,7 @@ class BatchRunner:
         if thinking or job.text.in_think:
             job.reasoning_tokens += 1
         if piece is not None and (piece.content or piece.reasoning):
-            job.send(Delta(piece.content, piece.reasoning))
+            job.send(Delta(piece.content, piece.reasoning, _take_logprobs(job)))
         if piece is not None and piece.stopped:
             self._finish(job, "stop", flush=False)
 
@@ -310,8 +328,8 @@ class BatchRunner:
             reasoning = (piece.reasoning if piece else "") + rest.reasoning
             if piece is not None and piece.stopped:
                 reason = "stop"
-            if content or reasoning:
-                job.send(Delta(content, reasoning))
+            if content or reasoning or job.logprobs:
+                job.send(Delta(content, reasoning, _take_logprobs(job)))
         job.send(
             Finished(
                 finish_reason=reason,
@@ -388,6 +406,28 @@ def _guarded_sampler(job: Job, sampler: Callable[[Any], Any]) -> Callable[[Any],
         return mx.argmax(logprobs, axis=-1)
 
     return run
+
+
+def token_logprob(logprobs: Any, token: int, k: int) -> TokenLogprob:
+    """``token``'s entry from one step's log-probabilities (an evaluated MLX vector): its own
+    value and the ``k`` largest, most likely first. Tokens a grammar masked out (-inf) are
+    left out of the alternatives."""
+    import mlx.core as mx
+
+    chosen = float(logprobs[token].item())
+    top: tuple[tuple[int, float], ...] = ()
+    if k:
+        ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+        values = logprobs[ids].astype(mx.float32)
+        pairs = zip(cast(list[int], ids.tolist()), cast(list[float], values.tolist()), strict=True)
+        top = tuple(sorted(((i, v) for i, v in pairs if math.isfinite(v)), key=lambda t: -t[1]))
+    return TokenLogprob(token, chosen if math.isfinite(chosen) else -9999.0, top)
+
+
+def _take_logprobs(job: Job) -> tuple[TokenLogprob, ...]:
+    taken = tuple(job.logprobs)
+    job.logprobs.clear()
+    return taken
 
 
 def keep_leading_space(detokenizer: Any) -> None:

@@ -39,6 +39,8 @@ class GenerationParams:
     #: Text exactly as generated: a leading space is kept (completions continue a prompt;
     #: a chat answer's leading space is trimmed).
     raw_text: bool = False
+    #: None: no logprobs; k: each token's logprob and its k most likely alternatives.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,24 @@ class GenerationRequest:
 
 # Events sent from the engine thread to the request ------------------------------------
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``k`` most likely tokens at its step
+    (ids and log-probabilities, most likely first), from the distribution after logits
+    processors (repetition penalty, grammar masks) and before temperature and top-p/top-k."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     content: str = ""
     reasoning: str = ""
+    #: The tokens generated since the last Delta (only when the request asked for logprobs);
+    #: their text is this Delta's or, when held back (a stop string that may still match,
+    #: an incomplete character), a later one's.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
