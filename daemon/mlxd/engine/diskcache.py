@@ -5,7 +5,7 @@ model's identity (source, weights fingerprint, dtype, MLX and mlx-lm versions), 
 every model live side by side and a model loaded again finds its own. An entry's name hashes
 its tokens. Each file is in mlx-lm's prompt-cache format (``mlx_lm.models.cache.
 load_prompt_cache`` reads it); its safetensors header also carries the format, the identity
-JSON, the tokens and a CRC-32 of the data.
+JSON, the tokens and a checksum of the data.
 
 Finding the longest stored prefix without reading every file: when a model's directory is
 first used, only the headers are read (tokens, sizes) and each entry is indexed by the chained
@@ -19,7 +19,7 @@ immutable), and the writer produces the safetensors bytes itself (temp file, fsy
 Reading a file into MLX arrays happens on the engine thread (``load``), as every MLX call must.
 
 Safe by construction: a file whose header does not parse, whose size does not match its
-header (truncated), whose CRC fails, whose format is another version or whose identity is
+header (truncated), whose checksum fails, whose format is another version or whose identity is
 another model's is deleted with a warning and treated as a miss. A failed write (disk full)
 is logged and skipped; serving goes on. Before each write, least recently used files (mtime,
 touched on every hit, so the order survives restarts) are deleted until the whole directory,
@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import queue
@@ -39,7 +38,6 @@ import shutil
 import struct
 import threading
 import time
-import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +137,28 @@ def block_chain(tokens: list[int]) -> list[bytes]:
 
 
 # -- the file format -----------------------------------------------------------------------
+def kv_checksum(arrays: list[Any]) -> int:
+    """Sum of the arrays' 16-bit words, mod 2**32, computed by MLX (engine thread only).
+
+    Catches flipped bits and zeroed or overwritten blocks; truncation is caught earlier by
+    the size check. Computed where the data already is (on a GPU, a reduction of
+    microseconds), so a disk hit costs a file read and not a CPU pass over the whole file.
+    """
+    import mlx.core as mx
+
+    total = mx.array(0, dtype=mx.uint32)
+    for a in arrays:
+        total = total + mx.sum(mx.view(a, mx.uint16).astype(mx.uint32))
+    value = total.item()
+    assert isinstance(value, int)
+    return value
+
+
 def encode(
-    tokens: list[int], layers: list[tuple[Any, Any]], identity: dict[str, str]
+    tokens: list[int],
+    layers: list[tuple[Any, Any]],
+    identity: dict[str, str],
+    checksum: int = 0,
 ) -> tuple[bytes, list[Any], int]:
     """The header bytes, the data buffers in order and the total file size of an entry.
 
@@ -148,13 +166,13 @@ def encode(
     MLX arrays, shaped ``(1, heads, len(tokens), dim)``. Key names and metadata follow
     ``mlx_lm.models.cache.save_prompt_cache``: tensors ``"<layer>.0"`` (keys), ``".1"``
     (values), ``".2"`` (the offset, an int32 scalar), metadata ``"0.*"`` (ours), ``"1.<layer>"``
-    (the cache class), ``"2.*"`` (which entries are scalars).
+    (the cache class), ``"2.*"`` (which entries are scalars). ``checksum`` is
+    :func:`kv_checksum` of the keys and values.
     """
     offset = struct.pack("<i", len(tokens))
     tensors: dict[str, Any] = {}
     buffers: list[Any] = []
     pos = 0
-    crc = 0
     for i, (keys, values) in enumerate(layers):
         scalar = memoryview(offset)
         for j, buf, fmt in (
@@ -171,13 +189,12 @@ def encode(
                 "data_offsets": [pos, pos + buf.nbytes],
             }
             pos += buf.nbytes
-            crc = zlib.crc32(buf, crc)
             buffers.append(buf)
     meta: dict[str, str] = {
         "0.format": FORMAT,
         "0.model": _identity_json(identity),
         "0.tokens": base64.b64encode(_token_bytes(tokens)).decode(),
-        "0.crc32": str(crc),
+        "0.sum16": str(checksum),
         "2.0": "",
     }
     for i in range(len(layers)):
@@ -217,7 +234,7 @@ def parse_header(raw: bytes, file_size: int, identity: dict[str, str]) -> _Heade
     try:
         ends = [int(t["data_offsets"][1]) for t in header.values()]
         tokens = array("i", base64.b64decode(meta["0.tokens"], validate=True)).tolist()
-        int(meta["0.crc32"])
+        int(meta["0.sum16"])
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise _Invalid(f"header fields are malformed: {exc}") from None
     data_end = 8 + n + max(ends, default=0)
@@ -316,6 +333,7 @@ class _Write:
     tokens: list[int]
     layers: list[tuple[Any, Any]]  # memoryviews; they keep the MLX arrays alive
     nbytes: int
+    checksum: int
 
 
 class DiskCache:
@@ -462,12 +480,13 @@ class DiskCache:
         # Taken here, on the engine thread: the arrays are evaluated, so this is a view of
         # their memory; the writer reads it without calling MLX.
         layers = [(memoryview(c.keys), memoryview(c.values)) for c in cache]
+        checksum = kv_checksum([a for c in cache for a in (c.keys, c.values)])
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._writer, name="mlxd-prompt-cache-writer", daemon=True
             )
             self._thread.start()
-        self._jobs.put(_Write(key, name, list(tokens), layers, nbytes))
+        self._jobs.put(_Write(key, name, list(tokens), layers, nbytes, checksum))
 
     def flush(self, timeout: float) -> bool:
         """Wait until queued writes are done (or ``timeout``); True when none is left."""
@@ -506,7 +525,7 @@ class DiskCache:
             index = self._models.get(job.key)
         if root is None or index is None:
             return
-        header, buffers, size = encode(job.tokens, job.layers, index.identity)
+        header, buffers, size = encode(job.tokens, job.layers, index.identity, job.checksum)
         folder = root / job.key
         final = folder / f"{job.name}{SUFFIX}"
         with self._lock:
@@ -609,12 +628,9 @@ def _read_entry(path: Path, identity: dict[str, str]) -> tuple[list[int], list[A
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
-    raw = path.read_bytes()
-    header = parse_header(raw, len(raw), identity)
-    if zlib.crc32(memoryview(raw)[header.data_start :]) != int(header.meta["0.crc32"]):
-        raise _Invalid("data does not match its checksum (corrupt)")
+    header = _read_header(path, identity)
     try:
-        arrays = mx.load(io.BytesIO(raw), format="safetensors")
+        arrays = mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError) as exc:
         raise _Invalid(f"MLX cannot read it: {exc}") from None
     assert isinstance(arrays, dict)
@@ -630,6 +646,8 @@ def _read_entry(path: Path, identity: dict[str, str]) -> tuple[list[int], list[A
     if not cache:
         raise _Invalid("no layers")
     mx.eval([(c.keys, c.values) for c in cache])
+    if kv_checksum([a for c in cache for a in (c.keys, c.values)]) != int(header.meta["0.sum16"]):
+        raise _Invalid("data does not match its checksum (corrupt)")
     return header.tokens, cache
 
 
