@@ -73,7 +73,8 @@ STORY = [{"role": "user", "content": "Tell me a story about a dragon."}]
 def test_chat_n_choices(client: openai.OpenAI) -> None:
     """``n: 3`` gives three choices: identical at temperature 0, and (streamed, each chunk with
     its ``index``) the same as non-streamed; at temperature 1 with a seed they differ; usage
-    counts every choice's tokens and the prompt once."""
+    counts every choice's tokens and the prompt once, prefilled once (the choices start from
+    the prompt cache: all but the last prompt token are cached)."""
     greedy = client.chat.completions.create(
         model="m", messages=STORY, n=3, temperature=0, max_tokens=8
     )
@@ -81,6 +82,8 @@ def test_chat_n_choices(client: openai.OpenAI) -> None:
     texts = {c.message.content for c in greedy.choices}
     assert len(texts) == 1
     assert greedy.usage is not None and greedy.usage.completion_tokens == 24
+    details = greedy.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == greedy.usage.prompt_tokens - 1
     streamed: dict[int, str] = {}
     for chunk in client.chat.completions.create(
         model="m", messages=STORY, n=3, temperature=0, max_tokens=8, stream=True

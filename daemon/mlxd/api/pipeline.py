@@ -28,7 +28,15 @@ from typing import Any, Protocol, TypeVar
 from quart import Response
 
 from ..engine.constrain import GrammarProcessor
-from ..engine.core import Delta, Event, Failed, Finished, GenerationRequest, JobHandle
+from ..engine.core import (
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    GenerationParams,
+    GenerationRequest,
+    JobHandle,
+)
 from ..engine.loader import LoadedModel
 from ..errors import MlxdError
 from ..logs import get_logger
@@ -269,7 +277,7 @@ async def start_choices(
     rendered = await render(
         lm, messages, tools=tools, tool_choice=tool_choice, parallel=parallel, fmt=fmt
     )
-    return _submit(
+    return await _submit(
         st,
         rec,
         lm,
@@ -297,12 +305,12 @@ async def start_raw(
     plan = await asyncio.to_thread(
         plan_output, lm, tools=None, choice=None, parallel=None, fmt=None
     )
-    return _submit(
+    return await _submit(
         st, rec, lm, prompts, plan, sampling, n=n, reasoning_mode="inline", raw_text=True
     )
 
 
-def _submit(
+async def _submit(
     st: AppState,
     rec: RequestRecord,
     lm: LoadedModel,
@@ -350,6 +358,9 @@ def _submit(
             )
     rec.model = lm.id
     rec.prompt_tokens = sum(len(ids) for ids in prompts)
+    if n > 1:
+        for ids in prompts:
+            await _prefill_once(st, lm, ids, requests[0].params.timeout)
     handles: list[JobHandle] = []
     try:
         for request in requests:
@@ -359,6 +370,24 @@ def _submit(
             handle.cancel()
         raise
     return Group([Generation(h, plan, rec, lm.id) for h in handles], rec, lm.id, n)
+
+
+async def _prefill_once(st: AppState, lm: LoadedModel, ids: list[int], timeout: float) -> None:
+    """Put the KV cache of ``ids`` into the prompt cache, so that ``n`` choices of one prompt
+    prefill it once, not ``n`` times: a one-token greedy job whose cache the engine keeps
+    when it ends (as it keeps every finished job's). Its token is never shown. A prompt the
+    cache already holds costs one decode step."""
+    params = GenerationParams(max_tokens=1, temperature=0.0, top_p=1.0, timeout=timeout)
+    handle = st.engine.submit(GenerationRequest(model=lm, prompt=ids, params=params))
+    try:
+        while True:
+            event = await handle.next_event(None)
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Finished):
+                return
+    finally:
+        handle.cancel()
 
 
 async def wait_first(source: Generation | Group, timeout: float) -> None:

@@ -13,7 +13,8 @@ mean. Batches are sorted by length so that little is padded, and bounded in padd
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import contextlib
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import mlx.core as mx
@@ -74,5 +75,7 @@ class EmbedTask:
         self._next = end
         if end < len(order):
             return False
-        self.future.set_result(np.stack([row for row in self._rows if row is not None]))
+        # The request may have been cancelled meanwhile (its client left): nobody waits.
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_result(np.stack([row for row in self._rows if row is not None]))
         return True
