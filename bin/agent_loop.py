@@ -145,7 +145,7 @@ async def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     set_tracing_disabled(True)
-    client = AsyncOpenAI(base_url=args.base_url, api_key="unused", timeout=120, max_retries=0)
+    client = AsyncOpenAI(base_url=args.base_url, api_key="unused", timeout=600, max_retries=0)
     makers: dict[str, Callable[[], Any]] = {
         "chat": lambda: OpenAIChatCompletionsModel(model="m", openai_client=client),
         "responses": lambda: OpenAIResponsesModel(model="m", openai_client=client),

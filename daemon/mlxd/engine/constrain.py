@@ -645,6 +645,13 @@ class GrammarProcessor:
     the sequence ends at once; the caller should report the error rather than return the
     text. Raising instead would abort every sequence of a ``BatchGenerator`` step.
 
+    Repeat guard (tool-call grammars, see :attr:`Grammar.stop_on_repeat` and
+    :attr:`Grammar.answered`): the processor also follows the output as text, line by line,
+    and once a complete call line repeats an earlier line or an answered call it decides the
+    next token itself: EOS, or a newline after which :attr:`Grammar.after_repeat` (text)
+    replaces the call grammar. A logits processor cannot take tokens back, so the repeat
+    itself is generated; the API's reader holds it back and drops it.
+
     Note mlx-lm samples ahead: the token sampled at step *n* reaches the processor only at
     step *n + 1* (possibly after the caller already saw EOS), so :meth:`is_finished` lags
     one token behind the sampler. Once mlx-lm will no longer call the processor (the
