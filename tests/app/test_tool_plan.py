@@ -70,6 +70,8 @@ def test_answered_calls_are_the_last_turns_calls_with_results() -> None:
     assert answered_calls(HISTORY) == (("get_weather", '{"city": "Paris"}'),)
     assert answered_calls([*HISTORY, {"role": "user", "content": "And Rome?"}]) == ()
     assert answered_calls(HISTORY[:2]) == ()
+    odd = [HISTORY[0], {"role": "assistant", "tool_calls": ["x", {"function": "f"}]}, HISTORY[2]]
+    assert answered_calls(odd) == ()  # malformed calls are skipped, not a 500
 
 
 def test_plan_after_a_result_guards_the_repeat(lm: Any) -> None:

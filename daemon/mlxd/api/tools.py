@@ -313,7 +313,9 @@ def answered_calls(messages: list[dict[str, Any]]) -> tuple[tuple[str, str], ...
         return ()
     out = []
     for call in messages[i - 1].get("tool_calls") or []:
-        fn = call.get("function") or {}
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            continue
         args = fn.get("arguments")
         if isinstance(args, str):
             try:
