@@ -111,6 +111,42 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert streamed == lp.tokens
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
+    """``echo`` with ``logprobs`` (lm-evaluation-harness's loglikelihood request) returns the
+    prompt's tokens first, the first without a logprob; a prompt token's score equals the
+    logprob the same token had when it was generated after the same text; streaming agrees."""
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    gen = client.completions.create(
+        model="m", prompt=prompt, max_tokens=1, temperature=0, logprobs=1
+    )
+    glp = gen.choices[0].logprobs
+    assert glp is not None and glp.token_logprobs and glp.tokens
+    extended = client.completions.create(
+        model="m", prompt=[*prompt, 7042], max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    choice = extended.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs is not None and lp.top_logprobs
+    assert len(lp.tokens) == len(prompt) + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == choice.text
+    assert lp.tokens[len(prompt)] == glp.tokens[0] == " Paris"
+    assert abs(lp.token_logprobs[len(prompt)] - glp.token_logprobs[0]) < 1e-3
+    streamed: list[str] = []
+    for chunk in client.completions.create(
+        model="m",
+        prompt=[*prompt, 7042],
+        max_tokens=1,
+        temperature=0,
+        logprobs=1,
+        echo=True,
+        stream=True,
+    ):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.tokens or []
+    assert streamed == lp.tokens
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -122,7 +158,6 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
         ("/v1/chat/completions", {"messages": PARIS, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/responses", {"input": "hi", "top_logprobs": 21}, "top_logprobs"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
-        ("/v1/completions", {"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
     ],
 )
 def test_bad_logprob_values_are_400(

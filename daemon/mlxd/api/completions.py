@@ -18,11 +18,12 @@ from pydantic import Field, field_validator
 from quart import Blueprint, Response, jsonify
 
 from .. import __version__
+from ..engine.core import Engine
 from ..engine.loader import LoadedModel
 from ..errors import BadRequest, ContextLengthExceeded, MlxdError
 from . import pipeline, sse
 from .context import json_body, record, state
-from .logprobs import Entry, Logprobs, legacy
+from .logprobs import Entry, Logprobs, TokenText, legacy
 from .params import MAX_CHOICES, SamplingFields, StopField, StreamOptions, normalize_stop, parse
 from .pipeline import Choice, Done, Sampling
 from .tools import Text
@@ -99,12 +100,6 @@ async def completions() -> Response:
         raise BadRequest(
             "best_of other than n is not supported by mlxd", param="best_of", code="unsupported"
         )
-    if req.echo and req.logprobs is not None:
-        raise BadRequest(
-            "echo with logprobs (scoring the prompt's tokens) is not supported by mlxd",
-            param="logprobs",
-            code="unsupported",
-        )
     if req.suffix:
         raise BadRequest("suffix is not supported by mlxd", param="suffix", code="unsupported")
     lm = st.engine.require_model()
@@ -133,19 +128,39 @@ async def completions() -> Response:
         ),
     )
     echoes = [""] * len(group.gens)
+    scored: list[list[Entry]] = [[] for _ in group.gens]
     if req.echo:
         texts = await asyncio.to_thread(lambda: [lm.tokenizer.decode(p) for p in prompts])
         echoes = [texts[i // req.n] for i in range(len(group.gens))]
+        if req.logprobs is not None:
+            try:
+                prompt_entries = await _score(st.engine, lm, prompts, req.logprobs)
+            except BaseException:
+                group.cancel()
+                raise
+            scored = [prompt_entries[i // req.n] for i in range(len(group.gens))]
     head = _Head(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), group.model_id)
     if not req.stream:
-        texts_out = _Texts(echoes, req.logprobs is not None)
+        texts_out = _Texts(echoes, req.logprobs is not None, scored)
         done = await pipeline.collect(group, texts_out.take)
         return jsonify(head.completion(texts_out, done))
     keepalive = st.settings.server.sse_keepalive_seconds
     await pipeline.wait_first(group, min(keepalive, 2.0))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    renderer = _ChunkRenderer(head, echoes, include_usage)
+    renderer = _ChunkRenderer(head, echoes, include_usage, dict(enumerate(scored)))
     return pipeline.sse_response(pipeline.stream(group, renderer, keepalive))
+
+
+async def _score(
+    engine: Engine, lm: LoadedModel, prompts: list[list[int]], k: int
+) -> list[list[Entry]]:
+    """Every prompt's tokens with their logprobs (what ``echo`` with ``logprobs`` shows)."""
+    texts = TokenText(lm.tokenizer)
+    out = []
+    for ids in prompts:
+        scored = await asyncio.wrap_future(engine.score(lm, ids, k))
+        out.append(await asyncio.to_thread(texts.prompt, ids, scored))
+    return out
 
 
 def usage(done: Done) -> dict[str, Any]:
@@ -181,9 +196,7 @@ class _Head:
             {
                 "text": "".join(parts),
                 "index": i,
-                "logprobs": legacy(texts.tokens[i], len(texts.echoes[i]))
-                if texts.want_logprobs
-                else None,
+                "logprobs": legacy(texts.tokens[i], 0) if texts.want_logprobs else None,
                 "finish_reason": texts.ends[i],
             }
             for i, parts in enumerate(texts.parts)
@@ -197,14 +210,15 @@ class _Texts:
 
     echoes: list[str]
     want_logprobs: bool = False
+    #: Per choice: its echoed prompt's entries first (echo with logprobs), then the output's.
+    tokens: list[list[Entry]] = field(default_factory=list)
     parts: list[list[str]] = field(default_factory=list)
     ends: list[str | None] = field(default_factory=list)
-    tokens: list[list[Entry]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.parts = [[echo] for echo in self.echoes]
         self.ends = [None] * len(self.echoes)
-        self.tokens = [[] for _ in self.echoes]
+        self.tokens = [list(t) for t in self.tokens] or [[] for _ in self.echoes]
 
     def take(self, choice: Choice) -> None:
         if isinstance(choice.item, Logprobs):

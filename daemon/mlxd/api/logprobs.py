@@ -25,12 +25,13 @@ class Alternative:
 
 @dataclass(frozen=True)
 class Entry:
-    """One generated token: its text, bytes and logprob, and the most likely tokens."""
+    """One token: its text, bytes and logprob, and the most likely tokens at its place
+    (``None`` for a prompt's first token, which nothing predicts)."""
 
     token: str
     bytes: tuple[int, ...]
-    logprob: float
-    top: tuple[Alternative, ...]
+    logprob: float | None
+    top: tuple[Alternative, ...] | None
 
     def wire(self) -> dict[str, Any]:
         """Chat Completions' and the Responses API's shape."""
@@ -39,7 +40,8 @@ class Entry:
             "logprob": self.logprob,
             "bytes": list(self.bytes),
             "top_logprobs": [
-                {"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in self.top
+                {"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)}
+                for a in self.top or ()
             ],
         }
 
@@ -101,6 +103,11 @@ class TokenText:
             top.append(Alternative(alt, alt_raw, logprob))
         return Entry(token, raw, item.logprob, tuple(top))
 
+    def prompt(self, ids: list[int], scored: list[TokenLogprob]) -> list[Entry]:
+        """A scored prompt's entries: its first token without a logprob, then the rest."""
+        token, raw = self.token(ids[0])
+        return [Entry(token, raw, None, None), *(self.entry(s) for s in scored)]
+
 
 def legacy(entries: list[Entry], offset: int) -> dict[str, Any]:
     """The completions API's shape for ``entries`` whose text starts at character ``offset``
@@ -112,6 +119,8 @@ def legacy(entries: list[Entry], offset: int) -> dict[str, Any]:
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{a.token: a.logprob for a in e.top} for e in entries],
+        "top_logprobs": [
+            None if e.top is None else {a.token: a.logprob for a in e.top} for e in entries
+        ],
         "text_offset": offsets,
     }

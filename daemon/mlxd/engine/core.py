@@ -57,6 +57,7 @@ from .protocol import (
     JobHandle,
     LogitsProcessor,
 )
+from .score import ScoreTask
 
 __all__ = [
     "Delta",
@@ -114,7 +115,8 @@ class Engine:
         self._state = "loading"
         self._load_error: str | None = None
         self._device: dict[str, str] = {}
-        self._embeds: deque[EmbedTask] = deque()
+        #: Embedding and scoring requests, one batch or chunk per loop turn.
+        self._tasks: deque[EmbedTask | ScoreTask] = deque()
         #: Lookups per tier: plain counters, written by the engine thread, read by /health.
         self.cache_stats = CacheStats()
         #: The disk tier outlives models (one directory per model identity); thread-safe.
@@ -252,7 +254,16 @@ class Engine:
         if self._stopping:
             raise ModelUnavailable("mlxd is shutting down", retry_after=5)
         fut: Future[Any] = Future()
-        self._inbox.put(("embed", EmbedTask(lm, inputs, fut)))
+        self._inbox.put(("task", EmbedTask(lm, inputs, fut)))
+        return fut
+
+    def score(self, lm: LoadedModel, prompt: list[int], k: int) -> Future[Any]:
+        """The logprob of every prompt token after the first (and ``k`` alternatives), on
+        the engine thread, one chunk between decode steps."""
+        if self._stopping:
+            raise ModelUnavailable("mlxd is shutting down", retry_after=5)
+        fut: Future[Any] = Future()
+        self._inbox.put(("task", ScoreTask(lm, prompt, k, fut)))
         return fut
 
     def abort_all(self, error: MlxdError) -> None:
@@ -293,7 +304,7 @@ class Engine:
         self._apply_cache_limit()
         self._load(self._model_settings, None)
         while True:
-            busy = (self._runner is not None and len(self._runner) > 0) or bool(self._embeds)
+            busy = (self._runner is not None and len(self._runner) > 0) or bool(self._tasks)
             block = not busy and not (self._pending and self._state == "ready")
             if not self._drain_inbox(block):
                 break
@@ -302,8 +313,8 @@ class Engine:
                 self._admit()
                 if self._runner is not None and len(self._runner):
                     self._runner.step()
-                if self._embeds:
-                    self._embed_step()
+                if self._tasks:
+                    self._task_step()
             except Exception as exc:  # an MLX failure must not kill the thread
                 log.exception("engine.step_failed", error=str(exc))
                 self._renew_runner(GenerationFailed(f"generation failed: {exc}"))
@@ -354,8 +365,8 @@ class Engine:
                 self._pending.append(arg)
             elif cmd == "cancel":
                 self._cancel_job(arg)
-            elif cmd == "embed":
-                self._embeds.append(arg)
+            elif cmd == "task":
+                self._tasks.append(arg)
             elif cmd == "retune":
                 self._tuning = arg
                 self._prompt_cache.resize(arg.prompt_cache_bytes)
@@ -403,10 +414,10 @@ class Engine:
         if any(j.done for j in self._jobs.values()):
             self._jobs = {k: j for k, j in self._jobs.items() if not j.done}
 
-    def _embed_step(self) -> None:
-        """One batch of the oldest embeddings request; a bad input or an MLX failure ends
-        that request only."""
-        task = self._embeds[0]
+    def _task_step(self) -> None:
+        """One batch or chunk of the oldest embedding or scoring request; a bad input or an
+        MLX failure ends that request only."""
+        task = self._tasks[0]
         try:
             if task.lm is not self._current:
                 raise ModelUnavailable("the model changed; retry", retry_after=1)
@@ -414,12 +425,12 @@ class Engine:
         except Exception as exc:
             finished = True
             if not isinstance(exc, MlxdError):
-                log.exception("engine.embed_failed", error=str(exc))
-                exc = GenerationFailed(f"embedding failed: {exc}")
+                log.exception("engine.task_failed", error=str(exc))
+                exc = GenerationFailed(f"{type(task).__name__} failed: {exc}")
             if not task.future.cancelled():
                 task.future.set_exception(exc)
         if finished:
-            self._embeds.popleft()
+            self._tasks.popleft()
 
     def _maybe_switch(self) -> None:
         if self._load_request is None:
@@ -539,8 +550,8 @@ class Engine:
             self._runner.fail_all(error)
         while self._pending:
             self._drop_pending(self._pending.popleft(), Failed(error))
-        while self._embeds:
-            task = self._embeds.popleft()
+        while self._tasks:
+            task = self._tasks.popleft()
             if not task.future.cancelled():
                 task.future.set_exception(error)
         self._state = "stopped"
