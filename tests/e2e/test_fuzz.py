@@ -117,6 +117,45 @@ CHAT_BODY = st.fixed_dictionaries(
         "frobnicate": JSON,
     },
 )
+TOKEN_IDS = st.lists(st.integers(-5, 60_000), max_size=6)
+COMPLETION_BODY = st.fixed_dictionaries(
+    {
+        "prompt": st.one_of(
+            st.text(max_size=40),
+            st.lists(st.text(max_size=20), max_size=3),
+            TOKEN_IDS,
+            st.lists(TOKEN_IDS, max_size=3),
+            JSON,
+        ),
+        "max_tokens": SMALL_MAX,
+    },
+    optional={
+        "n": _field(st.integers(0, 3)),
+        "echo": _field(st.booleans()),
+        "logprobs": _field(st.integers(-1, 6)),
+        "stream": _field(st.booleans()),
+        "stop": _field(st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5)))),
+        "temperature": _field(st.floats(-1, 3)),
+        "best_of": JSON,
+        "suffix": JSON,
+    },
+)
+EMBEDDING_BODY = st.fixed_dictionaries(
+    {
+        "input": st.one_of(
+            st.text(max_size=40),
+            st.lists(st.text(max_size=20), max_size=4),
+            TOKEN_IDS,
+            st.lists(TOKEN_IDS, max_size=3),
+            JSON,
+        )
+    },
+    optional={
+        "encoding_format": _field(st.sampled_from(["float", "base64"])),
+        "dimensions": _field(st.integers(-2, 1000)),
+        "model": JSON,
+    },
+)
 INPUT_ITEM = st.one_of(
     st.fixed_dictionaries(
         {
@@ -270,6 +309,20 @@ def test_fuzz_chat_completions(api: httpx.Client, body: dict[str, Any]) -> None:
 def test_fuzz_responses(api: httpx.Client, body: dict[str, Any]) -> None:
     """Random and hostile Responses bodies never cause a 5xx or a malformed error."""
     post_json(api, "/v1/responses", body)
+
+
+@settings(FUZZ, max_examples=25)
+@given(body=COMPLETION_BODY)
+def test_fuzz_completions(api: httpx.Client, body: dict[str, Any]) -> None:
+    """Random and hostile legacy completion bodies never cause a 5xx or a malformed error."""
+    post_json(api, "/v1/completions", body)
+
+
+@settings(FUZZ, max_examples=25)
+@given(body=EMBEDDING_BODY)
+def test_fuzz_embeddings(api: httpx.Client, body: dict[str, Any]) -> None:
+    """Random and hostile embedding bodies never cause a 5xx or a malformed error."""
+    post_json(api, "/v1/embeddings", body)
 
 
 @settings(FUZZ, max_examples=40)
