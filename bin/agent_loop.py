@@ -109,15 +109,23 @@ TASKS = [
 ]
 
 
-async def run_task(model: Any, task: str, max_turns: int, first: str) -> tuple[bool, str]:
+async def run_task(
+    model: Any, task: str, max_turns: int, first: str, temperature: float | None, seed: int
+) -> tuple[bool, str]:
     """One agent run: (answered, what happened). ``first`` is the first turn's tool_choice;
-    the SDK sends ``auto`` after a tool ran (``reset_tool_choice``)."""
+    the SDK sends ``auto`` after a tool ran (``reset_tool_choice``). ``temperature`` None
+    sends none (the daemon's default), as agents usually do; ``seed`` makes it repeatable."""
     agent = Agent(
         name="assistant",
         instructions="You are a helpful assistant. Use a tool when it helps, then answer.",
         tools=list(TOOLS),
         model=model,
-        model_settings=ModelSettings(temperature=0, max_tokens=96, tool_choice=first),
+        model_settings=ModelSettings(
+            temperature=temperature,
+            max_tokens=96,
+            tool_choice=first,
+            extra_body={"seed": seed},
+        ),
     )
     try:
         result = await Runner.run(agent, task, max_turns=max_turns)
@@ -143,6 +151,11 @@ async def main(argv: list[str]) -> int:
         default="auto",
         help="tool_choice of the first turn (required: every task starts with a tool call)",
     )
+    parser.add_argument(
+        "--temperature",
+        default="0",
+        help="sampling temperature, or 'default' to send none (the daemon's [model] default)",
+    )
     args = parser.parse_args(argv)
     set_tracing_disabled(True)
     client = AsyncOpenAI(base_url=args.base_url, api_key="unused", timeout=600, max_retries=0)
@@ -150,15 +163,19 @@ async def main(argv: list[str]) -> int:
         "chat": lambda: OpenAIChatCompletionsModel(model="m", openai_client=client),
         "responses": lambda: OpenAIResponsesModel(model="m", openai_client=client),
     }
+    temperature = None if args.temperature == "default" else float(args.temperature)
     apis = list(makers) if args.api == "both" else [args.api]
     for api in apis:
         answered = 0
-        for task in TASKS:
-            ok, what = await run_task(makers[api](), task, args.max_turns, args.first)
+        for seed, task in enumerate(TASKS):
+            ok, what = await run_task(
+                makers[api](), task, args.max_turns, args.first, temperature, seed
+            )
             answered += ok
             print(f"{api:9} {'ok ' if ok else 'NO '} {task[:44]:44} {what}", flush=True)
         print(
-            f"{api} (first turn {args.first}): {answered}/{len(TASKS)} answered "
+            f"{api} (first turn {args.first}, temperature {args.temperature}): "
+            f"{answered}/{len(TASKS)} answered "
             f"within {args.max_turns} turns",
             flush=True,
         )
