@@ -5,16 +5,24 @@ the same for all of them:
 
 1. :func:`start` plans tools and output format, builds the prompt, checks the limits and
    submits the job to the engine (every 4xx/503 is raised here, before any byte is sent).
+   :func:`start_choices` does the same for ``n`` choices and :func:`start_raw` for token
+   ids without a chat template (legacy completions); both return a :class:`Group`.
 2. :func:`pieces` turns the engine's events into typed output pieces — :class:`Reasoning`,
    :class:`~mlxd.api.tools.Text`, :class:`~mlxd.api.tools.CallStarted`,
-   :class:`~mlxd.api.tools.CallArguments` — then one :class:`Done` (finish reason, usage,
-   the calls read); a failure raises its :class:`~mlxd.errors.MlxdError`.
+   :class:`~mlxd.api.tools.CallArguments`, :class:`~mlxd.api.logprobs.Logprobs` (when asked
+   for; just before the text of the same tokens) — then one :class:`Done` (finish reason,
+   usage, the calls read); a failure raises its :class:`~mlxd.errors.MlxdError`. A
+   :class:`Group` merges several generations' pieces as :class:`Choice` items.
 3. Either :func:`collect` (non-streaming: a collector function takes each piece) or
    :func:`stream` (SSE: a :class:`Renderer` turns each piece into frames).
 
 :func:`stream` is the only stream loop: keep-alives while the engine is silent, first-token
 time, the failure frame, 499 on disconnect, cancelling the job, and the request's one
 ``request.completed`` record all live here. A new API is one renderer and one collector.
+
+This module is longer than most (about 550 lines) on purpose: start, pieces, Group, collect
+and stream are the one path every request follows, read top to bottom; split up, the stream
+loop and the sources it drives would bounce between files.
 """
 
 from __future__ import annotations
