@@ -17,6 +17,15 @@ are read from it at scrape time, so they are never stale.
     mlxd_prompt_cache_lookups_total{tier,result}  counter; tier ram|disk, result hit|miss
     mlxd_prompt_cache_bytes{tier}              gauge, bytes held (RAM) or used on disk
     mlxd_prompt_cache_entries{tier}            gauge
+
+Per model (the ``model`` label is the configured id that answered):
+
+    mlxd_model_requests_total{model,status}    counter
+    mlxd_model_time_to_first_token_seconds{model}  histogram
+    mlxd_model_state{model,state}              gauge = 1 for the model's state
+    mlxd_model_memory_bytes{model}             gauge, measured weights of a loaded model
+    mlxd_model_active_sequences{model}         gauge
+    mlxd_memory_budget_bytes / mlxd_memory_used_bytes   gauges, engine.memory_budget_bytes
 """
 
 from __future__ import annotations
@@ -65,17 +74,20 @@ class _EngineCollector(Collector):
         )
         lm = engine.current
         load = GaugeMetricFamily(
-            "mlxd_model_load_seconds", "Seconds it took to load the served model."
+            "mlxd_model_load_seconds", "Seconds it took to load the default model."
         )
         info = GaugeMetricFamily(
             "mlxd_model_info",
-            "The served model (value is always 1).",
+            "The loaded models (value is always 1).",
             labels=["model", "backend", "dtype"],
         )
+        backend = engine.device.get("backend", "unknown")
         if lm is not None:
             load.add_metric([], lm.load_seconds)
-            backend = engine.device.get("backend", "unknown")
-            info.add_metric([lm.id, backend, lm.dtype], 1.0)
+        models = engine.models()
+        loaded = [m.model for m in models if m.model is not None and m.state == "loaded"]
+        for served in loaded or ([lm] if lm is not None else []):
+            info.add_metric([served.id, backend, served.dtype], 1.0)
         yield load
         yield info
         cache = engine.cache_status()
@@ -100,6 +112,35 @@ class _EngineCollector(Collector):
         yield lookups
         yield held
         yield entries
+        state = GaugeMetricFamily(
+            "mlxd_model_state",
+            "Each configured model's state (value 1).",
+            labels=["model", "state"],
+        )
+        memory = GaugeMetricFamily(
+            "mlxd_model_memory_bytes", "Weights of a loaded model, measured.", labels=["model"]
+        )
+        active = GaugeMetricFamily(
+            "mlxd_model_active_sequences", "Sequences being decoded, per model.", labels=["model"]
+        )
+        for m in models:
+            state.add_metric([m.id, m.state], 1.0)
+            memory.add_metric([m.id], float(m.memory_bytes))
+            active.add_metric([m.id], float(m.active))
+        yield state
+        yield memory
+        yield active
+        status = engine.status()
+        yield GaugeMetricFamily(
+            "mlxd_memory_budget_bytes",
+            "Memory the loaded models may use together.",
+            value=float(status.budget_bytes),
+        )
+        yield GaugeMetricFamily(
+            "mlxd_memory_used_bytes",
+            "Memory the loaded models are counted at against the budget.",
+            value=float(status.used_bytes),
+        )
 
 
 class RequestFacts(Protocol):
@@ -107,6 +148,7 @@ class RequestFacts(Protocol):
 
     route: str
     started: float
+    model: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
     first_token_at: float | None
@@ -141,6 +183,20 @@ class Metrics:
             buckets=TPS_BUCKETS,
             registry=self.registry,
         )
+        self.model_requests = Counter(
+            "mlxd_model_requests",
+            "Generation requests by the model that answered and final status.",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.model_ttft = Histogram(
+            "mlxd_model_time_to_first_token_seconds",
+            "Seconds from request start to the first generated text, per model (a cold model's "
+            "first request includes its load).",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine))
 
     def observe_request(self, record: RequestFacts, status: int) -> None:
@@ -148,6 +204,8 @@ class Metrics:
         now = time.perf_counter()
         route = record.route or "unmatched"
         self.requests.labels(route=route, status=str(status)).inc()
+        if record.model:
+            self.model_requests.labels(model=record.model, status=str(status)).inc()
         if record.prompt_tokens:
             self.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
@@ -156,6 +214,8 @@ class Metrics:
         if first is None:
             return
         self.ttft.observe(max(first - record.started, 0.0))
+        if record.model:
+            self.model_ttft.labels(model=record.model).observe(max(first - record.started, 0.0))
         decoded = (record.completion_tokens or 0) - 1
         if decoded > 0 and now > first:
             self.decode_tps.observe(decoded / (now - first))

@@ -22,8 +22,10 @@ def run(settings: Settings, *, as_json: bool = False) -> int:
     if ":" in host:
         host = f"[{host}]"
     url = f"http://{host}:{settings.server.port}/health"
+    keys = settings.api_keys()  # /health shows details to authenticated callers only
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     try:
-        body = httpx.get(url, timeout=5.0).json()
+        body = httpx.get(url, headers=headers, timeout=5.0).json()
     except (httpx.HTTPError, ValueError) as exc:
         print(f"mlxd: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
         return 1

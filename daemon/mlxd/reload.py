@@ -13,10 +13,11 @@ writing a temporary file and renaming it over the original) and SIGHUP (also re-
    * ``server.host``/``server.port`` (and the paths that files are opened at, see
      ``RESTART_KEYS``): an orderly shutdown, then the process re-executes itself (same PID,
      so launchd/systemd see no exit; conversations live in SQLite and survive).
-   * ``[model] path/id/dtype/context_length``: the new model is loaded on the engine thread;
-     requests in flight get ``SWITCH_GRACE_SECONDS`` to finish, then end with a 503 the OpenAI
-     SDK retries. If the model fails to load, the old one keeps serving and the whole edit is
-     rejected.
+   * the model table (``[model]``, ``[models.<id>]``, ``[routing]``, the memory budget): the
+     engine applies it per entry: added models with ``preload`` load, a removed or changed
+     model finishes its requests and then unloads (a changed one loads anew), the others are
+     untouched. With a single ``[model]``, a model that fails to load rejects the whole edit
+     and the old one keeps serving.
    * everything else swaps the frozen settings tree that routes read per request (generation
      defaults, CORS, allowed hosts, API keys, conversation TTL/sweep interval, limits);
      ``[engine]`` goes to ``Engine.retune`` (batch size and prefill step apply from the next
@@ -65,8 +66,19 @@ RESTART_KEYS = frozenset(
         "engine.blas",
     }
 )
-#: Keys that need the model to be loaded again.
-MODEL_KEYS = frozenset({"model.path", "model.id", "model.dtype", "model.context_length"})
+#: Keys that change the model table the engine holds (``Service.apply_config`` hands the
+#: new table to the engine, which applies it per entry): any ``model.*``, ``models.*`` or
+#: ``routing.*`` key, and these.
+MODEL_KEYS = frozenset({"engine.memory_budget_bytes", "engine.max_batch_size"})
+MODEL_PREFIXES = ("model.", "models.", "routing.")
+
+
+def touches_models(changed: list[str]) -> bool:
+    return bool(MODEL_KEYS.intersection(changed)) or any(
+        k.startswith(MODEL_PREFIXES) for k in changed
+    )
+
+
 #: Log file keys: the handlers are rebuilt.
 LOG_FILE_KEYS = frozenset(
     {"logging.file", "logging.max_bytes", "logging.backup_count", "logging.format"}

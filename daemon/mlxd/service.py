@@ -26,11 +26,11 @@ from .api.context import AppState
 from .config import Settings
 from .conversations import lifecycle
 from .conversations.store import StoreDamaged
-from .engine.core import Engine
+from .engine.core import Engine, Residency
 from .engine.loader import LoadedModel
-from .errors import ModelUnavailable
+from .errors import MlxdError, ModelUnavailable
 from .logs import get_logger, set_level, setup_logging
-from .reload import LOG_FILE_KEYS, MODEL_KEYS, Reloader
+from .reload import LOG_FILE_KEYS, Reloader, touches_models
 
 log = get_logger("mlxd.service")
 
@@ -69,7 +69,9 @@ class Service:
     def __init__(self, settings: Settings, config_path: Path | None) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.engine = Engine(settings.model, settings.engine, settings.state_dir())
+        self.engine = Engine(
+            Residency.from_settings(settings), settings.engine, settings.state_dir()
+        )
         self.state = AppState(settings=settings, engine=self.engine, config_path=config_path)
         self.state.api_keys = settings.api_keys()
         self.shutdown = asyncio.Event()
@@ -182,8 +184,8 @@ class Service:
         self, new: Settings, changed: list[str], api_keys: list[str]
     ) -> str | None:
         """Put a validated configuration into effect, all or nothing; None, or why not."""
-        if MODEL_KEYS.intersection(changed):
-            error = await self._switch_model(new)
+        if touches_models(changed):
+            error = await self._apply_models(self.settings, new)
             if error is not None:
                 return error
         if any(k.startswith("logging.") for k in changed):
@@ -211,18 +213,54 @@ class Service:
     def _record_reload(self, outcome: dict[str, Any]) -> None:
         self.state.last_reload = outcome
 
-    async def _switch_model(self, new: Settings) -> str | None:
-        """Load ``new.model`` on the engine thread; None on success, else why it failed."""
-        log.info("model.switching", path=new.model.path, id=new.model.id or None)
-        future = self.engine.request_load(new.model)
-        try:
-            await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if future.cancelled():  # superseded by a newer request_load
-                return "model switch superseded by a newer one"
-            raise
-        except Exception as exc:  # ModelLoadError and friends; engine logged model.load_failed
-            return f"model {new.model.path!r} failed to load: {exc}"
+    async def _apply_models(self, old: Settings, new: Settings) -> str | None:
+        """Hand the new model table to the engine; None on success, else why the edit is
+        rejected.
+
+        Added and changed entries with ``preload`` are loaded before the edit counts as
+        applied. Removed and changed models finish their requests first, then unload; the
+        other models are untouched. A single-model config (``[model]``) keeps its old model
+        serving until the new one is loaded; if the new one fails, the old table is restored
+        and the edit rejected (with several models the failed entry stays configured as
+        ``failed`` and its next request tries again).
+        """
+        from dataclasses import replace
+
+        from .engine.residency import needs_reload
+        from .models.memory import pinned_problem
+        from .models.registry import is_legacy, model_table
+
+        device = self.engine.device
+        problem = await asyncio.to_thread(
+            pinned_problem, new, device.get("device", "cpu"), device.get("backend", "cpu")
+        )
+        if problem is not None:
+            return problem
+        before, after = model_table(old), model_table(new)
+        target = Residency.from_settings(new)
+        to_load = [
+            i
+            for i, e in after.items()
+            if e.preload and (i not in before or needs_reload(before[i], e))
+        ]
+        legacy = is_legacy(new) and is_legacy(old)
+        if legacy and to_load:
+            # The old model keeps answering (settings are not swapped yet) while the new loads.
+            kept = {i: e for i, e in before.items() if i not in after}
+            self.engine.configure(replace(target, entries={**target.entries, **kept}))
+        else:
+            self.engine.configure(target)
+        for entry_id in to_load:
+            log.info("model.switching", id=entry_id, path=after[entry_id].path)
+            try:
+                await asyncio.wrap_future(self.engine.acquire(entry_id))
+            except MlxdError as exc:
+                if legacy:
+                    self.engine.configure(Residency.from_settings(old))
+                    return f"model {after[entry_id].path!r} failed to load: {exc.message}"
+                log.warning("model.preload_failed", id=entry_id, error=exc.message)
+        if legacy and to_load:
+            self.engine.configure(target)
         return None
 
     def _on_model_loaded(self, model_id: str) -> None:

@@ -11,6 +11,8 @@ from conftest import samples, value
 from mlxd.api.app import create_app
 from mlxd.api.context import AppState, RequestRecord
 from mlxd.config import Settings
+from mlxd.engine.protocol import EngineStatus
+from mlxd.engine.residency import ModelStatus
 from mlxd.metrics import Metrics
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -47,6 +49,18 @@ class FakeEngine:
     def cache_status(self) -> dict[str, dict[str, int]]:
         tier = {"hits": 4, "misses": 1, "bytes": 2048, "entries": 2}
         return {"ram": tier, "disk": {**tier, "hits": 1}}
+
+    def models(self) -> tuple[ModelStatus, ...]:
+        if self.current is None:
+            return (ModelStatus("fake-model", "unloaded", pinned=False, keep_alive=0.0),)
+        return (
+            ModelStatus(
+                "fake-model", "loaded", pinned=False, keep_alive=0.0, memory_bytes=1000, active=2
+            ),
+        )
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(budget_bytes=5000, used_bytes=1000 if self.current else 0)
 
 
 def test_observe_request_counts_tokens_and_timings() -> None:
@@ -86,10 +100,15 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     assert value(text, "mlxd_model_load_seconds") == 1.5
     assert value(text, "mlxd_model_ready") == 1
     assert value(text, "mlxd_model_info", model="fake-model", backend="cpu", dtype="float32") == 1
+    assert value(text, "mlxd_model_state", model="fake-model", state="loaded") == 1
+    assert value(text, "mlxd_model_memory_bytes", model="fake-model") == 1000
+    assert value(text, "mlxd_model_active_sequences", model="fake-model") == 2
+    assert value(text, "mlxd_memory_budget_bytes") == 5000
     engine.current, engine.state, engine.depth = None, "failed", 0
     text = metrics.render()[0].decode()
     assert value(text, "mlxd_queue_depth") == 0 and value(text, "mlxd_model_ready") == 0
     assert not any(name == "mlxd_model_info" for name, _ in samples(text))
+    assert value(text, "mlxd_model_state", model="fake-model", state="unloaded") == 1
 
 
 def test_prompt_cache_tiers_are_scraped() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from mlxd.api.context import AppState
 from mlxd.config import Settings
 from mlxd.conversations.store import Store
 from mlxd.engine.core import Delta, Finished, GenerationRequest, JobHandle
+from mlxd.engine.protocol import EngineStatus
 from mlxd.engine.textfilter import TextFilter
 
 PIECES = ["<think>", "The user", " wants", " a greeting.", "</think>", "\n\n", "Hello", "!"]
@@ -68,6 +70,21 @@ class ScriptedEngine:
 
     def require_model(self) -> FakeModel:
         return self.current
+
+    def acquire(self, model_id: str) -> Future[FakeModel]:
+        """Every configured name is answered by the one scripted model, loaded already."""
+        fut: Future[FakeModel] = Future()
+        fut.set_result(self.current)
+        return fut
+
+    def set_keep_alive(self, model_id: str, seconds: float) -> None:
+        """Residency is not what these tests are about."""
+
+    def models(self) -> tuple[Any, ...]:
+        return ()
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(state=self.state)
 
     def queue_depth(self) -> int:
         return 0

@@ -16,6 +16,7 @@ import pytest
 from mlxd.api.app import AppState, create_app
 from mlxd.api.body import MAX_DEPTH
 from mlxd.config import Settings
+from mlxd.engine.protocol import EngineStatus
 
 ROUTES = ["/v1/chat/completions", "/v1/responses"]
 JSON_HEADERS = {"content-type": "application/json"}
@@ -41,6 +42,15 @@ class UnreachableEngine:
 
     def require_model(self) -> Any:
         raise AssertionError("a request that should be refused at the edge reached the engine")
+
+    def acquire(self, model_id: str) -> Any:
+        raise AssertionError("a request that should be refused at the edge reached the engine")
+
+    def models(self) -> tuple[Any, ...]:
+        return ()
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(state=self.state)
 
 
 def call(

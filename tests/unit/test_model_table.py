@@ -139,3 +139,60 @@ def test_check_config_exits_78_for_pinned_over_budget_and_shows_the_table(tmp_pa
     bad = run_mlxd("check-config", "--config", str(path))
     assert bad.returncode == 78
     assert "pinned" in bad.stderr and "Hint:" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, None), (300, 300.0), ("5m", 300.0), ("30s", 30.0), ("1h", 3600.0), (-1, 0.0)],
+)
+def test_request_keep_alive_reads_like_ollama(value: object, seconds: float | None) -> None:
+    """Seconds or a duration; a negative value keeps the model loaded (config's 0)."""
+    from mlxd.api.routing import keep_alive_seconds
+
+    assert keep_alive_seconds(value) == seconds
+
+
+def test_request_keep_alive_zero_unloads_once_idle_and_garbage_is_a_400() -> None:
+    from mlxd.api.routing import IMMEDIATE, keep_alive_seconds
+    from mlxd.errors import BadRequest
+
+    assert keep_alive_seconds(0) == IMMEDIATE
+    for bad in ("soon", True, "5 parsecs"):
+        with pytest.raises(BadRequest):
+            keep_alive_seconds(bad)
+
+
+def test_ps_table_lists_loaded_models_first_with_memory_and_idle_time() -> None:
+    from mlxd.ps import render
+
+    table = render(
+        [
+            {"id": "b", "state": "unloaded", "keep_alive": 0},
+            {
+                "id": "a",
+                "state": "loaded",
+                "memory_bytes": 538_060_032,
+                "idle_seconds": 75,
+                "keep_alive": 300,
+                "pinned": True,
+                "default": True,
+                "active": 1,
+                "queued": 0,
+            },
+        ],
+        {"used_bytes": 600_000_000, "budget_bytes": 8_000_000_000},
+    )
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "STATE", "MEMORY"]
+    assert lines[1].split() == [
+        "a",
+        "loaded",
+        "538.1",
+        "MB",
+        "1m15s",
+        "3m45s",
+        "1",
+        "pinned,default",
+    ]
+    assert lines[2].split()[:2] == ["b", "unloaded"]
+    assert "of 8.0 GB budget" in table

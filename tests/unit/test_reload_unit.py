@@ -19,23 +19,29 @@ import pytest
 
 from mlxd import reload
 from mlxd.config import ModelSettings, Settings, load_settings
-from mlxd.errors import ModelLoadError
+from mlxd.errors import ModelUnavailable
 from mlxd.service import Service
 
 
 class FakeEngine:
-    """Records what reload asks of the engine; loads succeed unless ``fail`` is set."""
+    """Records what reload asks of the engine: the model tables it is given and the models
+    it is asked to load (which succeed unless ``fail`` is set)."""
 
     def __init__(self) -> None:
+        self.device = {"device": "cpu", "backend": "cpu"}
+        self.tables: list[Any] = []
         self.loads: list[ModelSettings] = []
         self.retuned: list[Any] = []
         self.fail: str | None = None
 
-    def request_load(self, settings: ModelSettings) -> Future[Any]:
-        self.loads.append(settings)
+    def configure(self, residency: Any) -> None:
+        self.tables.append(residency)
+
+    def acquire(self, model_id: str) -> Future[Any]:
+        self.loads.append(self.tables[-1].entries[model_id])
         fut: Future[Any] = Future()
         if self.fail:
-            fut.set_exception(ModelLoadError(self.fail))
+            fut.set_exception(ModelUnavailable(self.fail))
         else:
             fut.set_result(object())
         return fut

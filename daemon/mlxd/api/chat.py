@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,13 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, jsonify
 
 from .. import __version__
+from ..engine.loader import LoadedModel
 from ..errors import BadRequest, MlxdError
 from ..prompt import content_text
 from . import pipeline, sse
-from .context import json_body, record, state
+from .context import AppState, RequestRecord, json_body, record, state
 from .logprobs import Logprobs
 from .params import MAX_CHOICES, SamplingFields, StopField, StreamOptions, normalize_stop, parse
-from .pipeline import Choice, Done, Piece, Reasoning, Sampling
+from .pipeline import Choice, Done, Group, Piece, Reasoning, Sampling
+from .routing import loaded_within, request_model, stream_when_loaded
 from .tools import Call, CallArguments, CallStarted, Text, json_format
 
 bp = Blueprint("chat", __name__)
@@ -91,8 +94,23 @@ async def chat_completions() -> Response:
     st = state()
     rec = record()
     req = parse(ChatRequest, await json_body())
-    lm = st.engine.require_model()
-    group = await pipeline.start_choices(
+    load = request_model(st, rec, req.model, keep_alive=req.keep_alive)
+    keepalive = st.settings.server.sse_keepalive_seconds
+    if req.stream and not await loaded_within(load, min(keepalive, 2.0)):
+        body = stream_when_loaded(load, rec, lambda lm: _stream(st, rec, req, lm), keepalive)
+        return pipeline.sse_response(body)
+    lm = await load
+    if req.stream:
+        return pipeline.sse_response(await _stream(st, rec, req, lm))
+    group = await _start(st, rec, req, lm)
+    head = _Head(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), group.model_id)
+    choices = _Choices([_Message(bool(req.logprobs)) for _ in group.gens])
+    done = await pipeline.collect(group, choices.take)
+    return jsonify(head.completion(choices, done))
+
+
+async def _start(st: AppState, rec: RequestRecord, req: ChatRequest, lm: LoadedModel) -> Group:
+    return await pipeline.start_choices(
         st,
         rec,
         lm,
@@ -113,16 +131,20 @@ async def chat_completions() -> Response:
         ),
         n=req.n,
     )
+
+
+async def _stream(
+    st: AppState, rec: RequestRecord, req: ChatRequest, lm: LoadedModel
+) -> AsyncIterator[bytes]:
+    """Start the generation and return its SSE frames (errors before the first frame raise,
+    so they are HTTP errors when the model was loaded already)."""
+    group = await _start(st, rec, req, lm)
     head = _Head(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), group.model_id)
-    if not req.stream:
-        choices = _Choices([_Message(bool(req.logprobs)) for _ in group.gens])
-        done = await pipeline.collect(group, choices.take)
-        return jsonify(head.completion(choices, done))
     keepalive = st.settings.server.sse_keepalive_seconds
     await pipeline.wait_first(group, min(keepalive, 2.0))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     renderer = _ChunkRenderer(head, include_usage, len(group.gens))
-    return pipeline.sse_response(pipeline.stream(group, renderer, keepalive))
+    return pipeline.stream(group, renderer, keepalive)
 
 
 def usage(done: Done) -> dict[str, Any]:

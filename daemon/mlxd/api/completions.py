@@ -26,6 +26,7 @@ from .context import json_body, record, state
 from .logprobs import Entry, Logprobs, TokenText, legacy
 from .params import MAX_CHOICES, SamplingFields, StopField, StreamOptions, normalize_stop, parse
 from .pipeline import Choice, Done, Sampling
+from .routing import model_for
 from .tools import Text
 
 bp = Blueprint("completions", __name__)
@@ -102,7 +103,7 @@ async def completions() -> Response:
         )
     if req.suffix:
         raise BadRequest("suffix is not supported by mlxd", param="suffix", code="unsupported")
-    lm = st.engine.require_model()
+    lm = await model_for(st, rec, req.model, keep_alive=req.keep_alive)
     prompts = await asyncio.to_thread(_token_ids, lm, req.prompt)
     if len(prompts) * req.n > MAX_CHOICES:
         raise BadRequest(

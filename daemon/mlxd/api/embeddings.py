@@ -21,6 +21,7 @@ from ..engine.loader import LoadedModel
 from ..errors import BadRequest, ContextLengthExceeded
 from .context import json_body, record, state
 from .params import parse
+from .routing import model_for
 
 bp = Blueprint("embeddings", __name__)
 
@@ -100,7 +101,7 @@ async def embeddings() -> Response:
     st = state()
     rec = record()
     req = parse(EmbeddingRequest, await json_body())
-    lm = st.engine.require_model()
+    lm = await model_for(st, rec, req.model)
     width = int(lm.config.get("hidden_size", 0))
     if req.dimensions is not None and width and req.dimensions > width:
         raise BadRequest(

@@ -43,6 +43,7 @@ from .messages_wire import (
 )
 from .params import parse
 from .pipeline import Sampling
+from .routing import model_for
 
 bp = Blueprint("messages", __name__)
 
@@ -53,7 +54,7 @@ async def create_message() -> Response:
     st = state()
     rec = record()
     req = parse(MessagesRequest, await json_body())
-    lm = st.engine.require_model()
+    lm = await model_for(st, rec, req.model)
     tools, choice, parallel = openai_tools(req)
     gen = await pipeline.start(
         st,
@@ -93,12 +94,11 @@ async def count_tokens() -> Response:
     """The prompt's token count, exactly as ``/v1/messages`` would build the prompt."""
     st = state()
     req = parse(CountTokensRequest, await json_body())
-    lm = st.engine.require_model()
+    rec = record()
+    lm = await model_for(st, rec, req.model)
     tools, choice, parallel = openai_tools(req)
     rendered = await pipeline.render(
         lm, chat_messages(req), tools=tools, tool_choice=choice, parallel=parallel, fmt=None
     )
-    rec = record()
-    rec.model = lm.id
     rec.prompt_tokens = len(rendered.prompt.ids)
     return jsonify({"input_tokens": len(rendered.prompt.ids)})

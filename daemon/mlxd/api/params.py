@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..config import Settings
+from ..config import ModelSettings, Settings
 from ..engine.core import GenerationParams, LogitsProcessor
 from ..engine.loader import LoadedModel
 from ..errors import BadRequest, ContextLengthExceeded
@@ -44,6 +44,8 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)
     stream: bool = False
+    #: As in Ollama: how long the model stays loaded when idle, from now on (seconds or "5m").
+    keep_alive: float | str | None = None
 
     @field_validator("seed")
     @classmethod
@@ -116,8 +118,10 @@ def generation_params(
     max_param: str = "max_tokens",
     top_k: int | None = None,
     logits_processors: tuple[LogitsProcessor, ...] = (),
+    defaults: ModelSettings | None = None,
 ) -> GenerationParams:
-    """Defaults from [model], limits from [server], and the context-length check.
+    """Defaults from the model's entry (``defaults``; else [model]), limits from [server],
+    and the context-length check.
 
     A prompt that leaves no room in the context is a 400 ``context_length_exceeded`` before
     anything is generated; otherwise the completion budget is cut to what fits.
@@ -136,9 +140,10 @@ def generation_params(
             f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
             param="messages",
         )
-    budget = requested_max if requested_max is not None else settings.model.max_tokens
-    temperature = settings.model.temperature if temperature is None else temperature
-    top_p = settings.model.top_p if top_p is None else top_p
+    entry = defaults or settings.model
+    budget = requested_max if requested_max is not None else entry.max_tokens
+    temperature = entry.temperature if temperature is None else temperature
+    top_p = entry.top_p if top_p is None else top_p
     # Values float32 cannot tell from 0 mean "the most likely token" (every API comes here).
     if temperature < GREEDY_BELOW:
         temperature = 0.0

@@ -52,6 +52,7 @@ from ..prompt import Prompt, build_prompt
 from .context import AppState, RequestRecord
 from .logprobs import Logprobs, TokenText
 from .params import generation_params
+from .routing import entry_for
 from .tools import Call, CallArguments, CallStarted, JsonFormat, OutputPlan, Text, plan_output
 
 log = get_logger("mlxd.api")
@@ -293,7 +294,7 @@ async def start_choices(
         rendered.plan,
         sampling,
         n=n,
-        reasoning_mode=reasoning or st.settings.model.reasoning,
+        reasoning_mode=reasoning or entry_for(st.settings, lm).reasoning,
         in_think=rendered.prompt.in_think,
     )
 
@@ -338,6 +339,7 @@ async def _submit(
             st.settings,
             lm,
             len(ids),
+            defaults=entry_for(st.settings, lm),
             requested_max=sampling.requested_max,
             max_param=sampling.max_param,
             temperature=sampling.temperature,

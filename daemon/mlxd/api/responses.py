@@ -31,6 +31,7 @@ from .context import json_body, record, state
 from .params import parse
 from .pipeline import Done, Piece, Sampling
 from .responses_wire import OutputEvent, OutputItems, ResponseHead, ResponsesRequest, status_of
+from .routing import model_for
 from .tools import json_format
 
 bp = Blueprint("responses", __name__)
@@ -111,7 +112,7 @@ async def create_response() -> Response:
     rec = record()
     req = parse(ResponsesRequest, await json_body())
     items = normalize_input(req.input)
-    lm = st.engine.require_model()
+    lm = await model_for(st, rec, req.model, keep_alive=req.keep_alive)
     store = st.require_store()
     pin_seconds = st.settings.server.request_timeout_seconds + 60
     chain = await asyncio.to_thread(store.begin_turn, req.previous_response_id, None, pin_seconds)

@@ -242,6 +242,29 @@ class Bench:
             goal="<= 0.2",
         )
 
+    def cold_model(self) -> None:
+        """First-token time of a cold model (its load included) against a warm one, mlxd only
+        (the first server): a request with ``keep_alive: 0`` (warm) lets the model unload as
+        soon as it is idle; once /health says unloaded, the next request (cold) loads it."""
+        w = self.work
+        server = self.servers[0]
+        self.log(f"cold model (mlxd only): load + first token vs warm, {w.repeats} repeats")
+        cold: list[StreamResult] = []
+        warm: list[StreamResult] = []
+        for r in range(w.repeats):
+            msg = [{"role": "user", "content": tagged(f"cold {r}", LONG_PROMPTS[0])}]
+            warm.append(stream_chat(server, msg, 8, self.timeout, keep_alive=0))
+            _wait_unloaded(server, self.timeout)
+            cold.append(stream_chat(server, msg, 8, self.timeout, keep_alive=-1))
+        for metric, rs in (("cold_ttft_ms", cold), ("warm_ttft_ms", warm)):
+            self.results.measurement(
+                server.name,
+                metric,
+                "ms",
+                [x.ttft * 1000 for x in rs],
+                **_stream_params(rs, max_tokens=8),
+            )
+
 
 def _wait_disk_written(server: Server, entries: int, timeout: float) -> None:
     """Disk writes run in the background: wait until the tier holds ``entries`` entries."""
@@ -255,6 +278,26 @@ def _wait_disk_written(server: Server, entries: int, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise BenchError(f"{server.name}: the prompt cache was not written to disk in {timeout}s")
+
+
+def _wait_unloaded(server: Server, timeout: float) -> None:
+    """Poll /health until the default model is unloaded (``keep_alive: 0`` took effect)."""
+    import http.client
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            conn.request("GET", "/health", headers=server.headers)
+            models = json.loads(conn.getresponse().read()).get("models") or []
+        finally:
+            conn.close()
+        if any(m.get("default") and m.get("state") == "unloaded" for m in models):
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{server.name}: the model did not unload within {timeout}s")
 
 
 def _stream_params(rs: list[StreamResult], **extra: Any) -> dict[str, Any]:
@@ -276,4 +319,5 @@ SUITES: dict[str, Callable[[Bench], None]] = {
     "concurrency": Bench.concurrency,
     "turns": Bench.turns,
     "restart": Bench.restart,
+    "cold": Bench.cold_model,
 }

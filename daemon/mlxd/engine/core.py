@@ -1,11 +1,11 @@
-"""The engine: one dedicated thread owns MLX, the model and every MLX call.
+"""The engine: one dedicated thread owns MLX, every loaded model and every MLX call.
 
-MLX streams are thread-local, so the model is loaded and run on the same thread for its whole
-life. asyncio code talks to it through two one-way channels (types in :mod:`.protocol`):
+MLX streams are thread-local, so every model is loaded, run and released on the same thread.
+asyncio code talks to it through two one-way channels (types in :mod:`.protocol`):
 
-* an inbox (``queue.SimpleQueue``) of commands: submit, cancel, load a model, retune, abort,
-  stop. Every change of engine state is such a command, so the thread never sees a
-  structure that the event loop is changing under it;
+* an inbox (``queue.SimpleQueue``) of commands: acquire a model, submit, cancel, configure
+  the model table, set a keep-alive, retune, abort, stop. Every change of engine state is
+  such a command, so the thread never sees a structure that the event loop is changing;
 * per job, the :class:`JobHandle`'s ``asyncio.Queue`` of events (``Delta``, ``Finished``,
   ``Failed``), fed with ``loop.call_soon_threadsafe``.
 
@@ -13,14 +13,20 @@ Status goes the other way as a whole :class:`EngineStatus` snapshot the thread p
 (one reference swap); the queue depth is a counter under a lock, because the queue bound has
 to be checked on the event loop when a request arrives.
 
-Generation runs in a :class:`~mlxd.engine.batch.BatchRunner` (one per loaded model). The
-thread drains the inbox between any two steps of it (a decode step or one prefill chunk), so a
-cancel takes effect at the next token or the next prefill chunk.
+Several models (see :mod:`.residency` for the policies): each configured model has a
+:class:`~.residency.Slot`; a loaded one has its own :class:`~mlxd.engine.batch.BatchRunner`
+and :class:`~.promptcache.PromptCache` (a batch never mixes models; the cache is dropped with
+its model). :meth:`Engine.acquire` loads a model on demand: concurrent first requests wait on
+the same load, which runs once. Before a load, least recently used idle models are evicted
+to stay within the memory budget; idle models unload after their ``keep_alive``; models with
+running jobs take turns, one step each. An unload drops every reference to the model, clears
+MLX's buffer cache and collects garbage, so the memory really returns (``model.unloaded``
+logs MLX's active memory and the RSS before and after).
 
-A model switch is a command on the same thread: new jobs wait, in-flight ones get
-``SWITCH_GRACE_SECONDS`` to finish and are then ended with a clear 503 error, the new model is
-loaded (on failure the old one keeps serving), and jobs tokenized for the old model are
-answered with a 503 the OpenAI SDK retries by itself.
+Reconfiguration (hot reload) is a command too: a removed model finishes its queued and
+running jobs, then unloads; a model whose path, dtype or context length changed does the same
+and then loads anew (jobs tokenized for the old load that had not started get a retryable
+503); other entries are untouched apart from their new defaults.
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import EngineSettings, ModelSettings
+from ..config import EngineSettings, ModelSettings, Settings
 from ..errors import GenerationFailed, MlxdError, ModelLoadError, ModelUnavailable, Overloaded
 from ..logs import get_logger
 from .batch import BatchRunner, Job, make_sampler, warm_up
@@ -57,6 +63,17 @@ from .protocol import (
     JobHandle,
     LogitsProcessor,
 )
+from .residency import (
+    ModelStatus,
+    RoundRobin,
+    Slot,
+    expired,
+    holders,
+    memory_now,
+    needs_reload,
+    release_memory,
+)
+from .residency import victims as choose_victims
 from .score import ScoreTask
 
 __all__ = [
@@ -70,26 +87,53 @@ __all__ = [
     "GenerationRequest",
     "JobHandle",
     "LogitsProcessor",
+    "ModelStatus",
     "make_sampler",
 ]
 
 log = get_logger("mlxd.engine")
 
-#: How long in-flight generations may run on after a model switch was asked for.
-SWITCH_GRACE_SECONDS = 5.0
+
+def _changed() -> ModelUnavailable:
+    return ModelUnavailable("the model changed; retry", retry_after=1)
+
+
+@dataclass(frozen=True)
+class Residency:
+    """The model table as the engine applies it: entries in config order (ids filled), the
+    default id and the memory budget (0: derived from the device on the engine thread)."""
+
+    entries: dict[str, ModelSettings]
+    default_id: str
+    budget_bytes: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Residency:
+        from ..models.registry import Router
+
+        router = Router.from_settings(settings)
+        return cls(router.entries, router.default_id, settings.engine.memory_budget_bytes)
+
+    @classmethod
+    def single(cls, entry: ModelSettings) -> Residency:
+        from ..models.registry import derived_id
+
+        entry_id = entry.id or derived_id(entry.path)
+        return cls({entry_id: entry.model_copy(update={"id": entry_id})}, entry_id)
 
 
 class Engine:
-    """Owns the MLX thread. Entry points for the event loop: submit, status, retune,
-    request_load, abort_all, stop; each hands a command to the thread."""
+    """Owns the MLX thread. Entry points for the event loop: acquire, submit, status, retune,
+    configure, set_keep_alive, request_load, abort_all, stop; each hands a command to the
+    thread."""
 
     def __init__(
         self,
-        model_settings: ModelSettings,
+        models: ModelSettings | Residency,
         engine_settings: EngineSettings,
         state_dir: Path | None = None,
     ) -> None:
-        self._model_settings = model_settings
+        self._residency = models if isinstance(models, Residency) else Residency.single(models)
         self._state_dir = state_dir
         #: The event loop's copy (the queue bound is checked there); the thread gets its own
         #: through the inbox.
@@ -103,17 +147,18 @@ class Engine:
         self._status = EngineStatus()
         self._outbox: list[tuple[JobHandle, Event]] = []  # engine thread: this step's events
         self._ended = False  # a job ended during this step
+        self._signature: tuple[Any, ...] = ()  # what the published status was made from
         self.ready_event = threading.Event()
         self.on_loaded: list[Callable[[LoadedModel], None]] = []
         # -- engine-thread state (never touched from the event loop) --
         self._tuning = engine_settings
-        self._pending: deque[Job] = deque()
         self._jobs: dict[int, Job] = {}  # pending and running, by id
-        self._runner: BatchRunner | None = None
-        self._load_request: tuple[ModelSettings, Future[LoadedModel], float] | None = None
-        self._current: LoadedModel | None = None
+        self._slots: dict[str, Slot] = {}
+        self._default_id = self._residency.default_id
+        self._budget = self._residency.budget_bytes
+        self._wanted: list[str] = []  # slots to load, in request order
+        self._rr = RoundRobin()
         self._state = "loading"
-        self._load_error: str | None = None
         self._device: dict[str, str] = {}
         #: Embedding and scoring requests, one batch or chunk per loop turn.
         self._tasks: deque[EmbedTask | ScoreTask] = deque()
@@ -123,7 +168,6 @@ class Engine:
         self.disk_cache = DiskCache(
             self._disk_root(engine_settings), engine_settings.prompt_cache_disk_bytes
         )
-        self._prompt_cache = PromptCache(engine_settings.prompt_cache_bytes, stats=self.cache_stats)
 
     # -- called from the event loop (or any thread) -----------------------------------------
     def start(self) -> None:
@@ -137,6 +181,7 @@ class Engine:
     # Shorthands for readers of single fields (health, metrics, models routes).
     @property
     def current(self) -> LoadedModel | None:
+        """The default model, when it is loaded."""
         return self._status.model
 
     @property
@@ -157,8 +202,12 @@ class Engine:
     def active_count(self) -> int:
         return self._status.active
 
+    def models(self) -> tuple[ModelStatus, ...]:
+        """Every configured model's state, in config order."""
+        return self._status.models
+
     def require_model(self) -> LoadedModel:
-        """The model to tokenize for, or a 503 that tells the client to come back."""
+        """The default model if it is loaded, or a 503 that tells the client to come back."""
         st = self._status
         if st.model is None or st.state != "ready":
             if st.state == "failed":
@@ -178,7 +227,8 @@ class Engine:
         return path
 
     def cache_status(self) -> dict[str, dict[str, Any]]:
-        """Prompt-cache hits, misses and bytes per tier, for /health, /metrics, ``mlxd ps``."""
+        """Prompt-cache hits, misses and bytes per tier (RAM: all loaded models together),
+        for /health, /metrics, ``mlxd ps``."""
         stats, status = self.cache_stats, self._status
         return {
             "ram": {
@@ -191,6 +241,25 @@ class Engine:
             "disk": {"hits": stats.disk_hits, "misses": stats.disk_misses}
             | self.disk_cache.usage(),
         }
+
+    def acquire(self, model_id: str) -> Future[LoadedModel]:
+        """The loaded model ``model_id``, loading it first if needed (concurrent callers share
+        one load). Fails with a 503 :class:`ModelUnavailable` when it cannot be loaded or does
+        not fit the memory budget (the next call tries again)."""
+        fut: Future[LoadedModel] = Future()
+        if self._stopping:
+            fut.set_exception(ModelUnavailable("mlxd is shutting down", retry_after=5))
+        else:
+            self._inbox.put(("acquire", (model_id, fut)))
+        return fut
+
+    def set_keep_alive(self, model_id: str, seconds: float) -> None:
+        """A request's ``keep_alive``: the model's idle timeout from now on (0: never)."""
+        self._inbox.put(("keep_alive", (model_id, seconds)))
+
+    def configure(self, residency: Residency) -> None:
+        """Apply a new model table (hot reload); see the module docstring."""
+        self._inbox.put(("configure", residency))
 
     def retune(self, engine_settings: EngineSettings) -> None:
         """Apply live-tunable engine settings: the queue bound at once, the prompt-cache
@@ -271,9 +340,10 @@ class Engine:
         self._inbox.put(("abort", error))
 
     def request_load(self, settings: ModelSettings) -> Future[LoadedModel]:
-        """Switch to another model; the future resolves when it serves (or fails to load)."""
+        """Load ``settings`` anew under its id (the default model's when it has none): its
+        running jobs finish first; the future resolves when it serves (or fails to load)."""
         fut: Future[LoadedModel] = Future()
-        self._inbox.put(("load", (settings, fut)))
+        self._inbox.put(("reload", (settings, fut)))
         return fut
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -299,53 +369,92 @@ class Engine:
     # -- engine thread --------------------------------------------------------------------
     def _run(self) -> None:
         from .. import backend
+        from ..models.memory import default_budget
 
         self._device = backend.device_info()
         self._apply_cache_limit()
-        self._load(self._model_settings, None)
+        if not self._budget:
+            self._budget = default_budget(self._device["device"], self._device["backend"])
+        self._apply(self._residency)
+        for first in list(self._slots.values()):
+            if first.entry.preload:
+                self._load(first, preload=True)
+        self._state = "ready"
+        self._publish()
         while True:
-            busy = (self._runner is not None and len(self._runner) > 0) or bool(self._tasks)
-            block = not busy and not (self._pending and self._state == "ready")
-            if not self._drain_inbox(block):
+            busy = bool(self._tasks) or any(
+                s.running() or (s.pending and s.state == "loaded") for s in self._slots.values()
+            )
+            if not self._drain_inbox(block=not busy and not self._wanted):
                 break
+            slot: Slot | None = None
             try:
-                self._maybe_switch()
+                self._load_wanted()
                 self._admit()
-                if self._runner is not None and len(self._runner):
-                    self._runner.step()
+                slot = self._rr.pick(self._slots)
+                if slot is not None:
+                    slot.runner.step()
+                    slot.touch()  # idle time counts from the end of the last request
                 if self._tasks:
                     self._task_step()
             except Exception as exc:  # an MLX failure must not kill the thread
                 log.exception("engine.step_failed", error=str(exc))
-                self._renew_runner(GenerationFailed(f"generation failed: {exc}"))
+                if slot is not None:
+                    self._renew_runner(slot, GenerationFailed(f"generation failed: {exc}"))
+            self._retire()
+            # A job submitted during the step (its model acquired before it) counts as work.
+            if not self._drain_inbox(block=False):
+                break
+            for idle in expired(self._slots, time.monotonic()):
+                self._unload(idle, "idle")
             self._flush()
-            if self._changed():
+            if self._status_signature() != self._signature:
                 self._publish()
         self._shutdown_jobs()
         self._flush()
 
-    def _changed(self) -> bool:
-        """Whether the published status is out of date (cheap: checked every step)."""
-        st = self._status
-        runner = self._runner
+    def _status_signature(self) -> tuple[Any, ...]:
+        """What the published status shows, cheaply (checked every step; last use to the
+        second, so a busy model's idle time is republished once a second, not per token)."""
         return (
-            st.state != self._state
-            or st.model is not self._current
-            or st.active != (len(runner) if runner is not None else 0)
-            or st.load_error != self._load_error
-            or st.prompt_cache_entries != len(self._prompt_cache)
+            self._state,
+            self._budget,
+            tuple(
+                (
+                    s.id,
+                    s.state,
+                    s.lm is None,
+                    s.running(),
+                    len(s.pending) + len(s.waiters),
+                    s.error,
+                    s.keep_alive,
+                    int(s.last_used),
+                    len(s.prompt_cache) if s.prompt_cache is not None else 0,
+                )
+                for s in self._slots.values()
+            ),
         )
 
     def _publish(self) -> None:
-        runner = self._runner
+        self._signature = self._status_signature()
+        slots = list(self._slots.values())
+        default = self._slots.get(self._default_id)
+        models = tuple(s.status(self._default_id) for s in slots)
+        state = self._state
+        if state == "ready" and default is not None and default.state == "failed":
+            state = "failed"
+        cache = [s.prompt_cache for s in slots if s.prompt_cache is not None]
         self._status = EngineStatus(
-            state=self._state,
-            model=self._current,
-            active=len(runner) if runner is not None else 0,
+            state=state,
+            model=default.lm if default is not None else None,
+            active=sum(s.running() for s in slots),
             device=tuple(self._device.items()),
-            load_error=self._load_error,
-            prompt_cache_entries=len(self._prompt_cache),
-            prompt_cache_bytes=self._prompt_cache.nbytes,
+            load_error=default.error if default is not None else None,
+            prompt_cache_entries=sum(len(c) for c in cache),
+            prompt_cache_bytes=sum(c.nbytes for c in cache),
+            models=models,
+            budget_bytes=self._budget,
+            used_bytes=sum(s.cost() for s in slots if s.state in ("loaded", "loading")),
         )
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -361,27 +470,33 @@ class Engine:
             if cmd == "stop":
                 return False
             if cmd == "submit":
-                self._jobs[arg.id] = arg
-                self._pending.append(arg)
+                self._enqueue(arg)
+            elif cmd == "acquire":
+                self._acquire(*arg)
             elif cmd == "cancel":
                 self._cancel_job(arg)
             elif cmd == "task":
                 self._tasks.append(arg)
+            elif cmd == "keep_alive":
+                found = self._slots.get(arg[0])
+                if found is not None:
+                    found.keep_alive = arg[1]
             elif cmd == "retune":
                 self._tuning = arg
-                self._prompt_cache.resize(arg.prompt_cache_bytes)
+                for s in self._slots.values():
+                    if s.prompt_cache is not None:
+                        s.prompt_cache.resize(arg.prompt_cache_bytes)
                 self.disk_cache.configure(self._disk_root(arg), arg.prompt_cache_disk_bytes)
                 self._apply_cache_limit()
+            elif cmd == "configure":
+                self._apply(arg)
+            elif cmd == "reload":
+                self._reload(*arg)
             elif cmd == "abort":
-                if self._runner is not None:
-                    self._runner.fail_all(arg)
-                while self._pending:
-                    self._drop_pending(self._pending.popleft(), Failed(arg))
-            elif cmd == "load":
-                settings, fut = arg
-                if self._load_request is not None:  # a newer edit wins over an older one
-                    self._load_request[1].cancel()
-                self._load_request = (settings, fut, time.monotonic() + SWITCH_GRACE_SECONDS)
+                for s in self._slots.values():
+                    if s.runner is not None:
+                        s.runner.fail_all(arg)
+                    self._fail_waiting(s, arg)
 
     def _apply_cache_limit(self) -> None:
         """Cap MLX's buffer cache: freed buffers it keeps for reuse would otherwise grow
@@ -390,16 +505,143 @@ class Engine:
 
         mx.set_cache_limit(self._tuning.mlx_cache_limit_bytes)
 
+    def _disk_view(self, lm: LoadedModel) -> DiskView | None:
+        """The disk tier for ``lm`` (its directory is indexed now), or None if it cannot be."""
+        try:
+            return self.disk_cache.view(model_identity(lm))
+        except OSError as exc:
+            log.warning("prompt_cache.disk_unavailable", error=str(exc))
+            return None
+
+    # -- the table ------------------------------------------------------------------------
+    def _apply(self, residency: Residency) -> None:
+        """Add, change and retire slots to match ``residency`` (see the module docstring)."""
+        from ..models.memory import estimate
+
+        self._residency = residency
+        self._default_id = residency.default_id
+        if residency.budget_bytes:
+            self._budget = residency.budget_bytes
+        for entry_id, entry in residency.entries.items():
+            slot = self._slots.get(entry_id)
+            if slot is None or slot.removed:
+                if slot is not None:  # removed, still draining, and now back: a fresh slot
+                    slot.removed = False
+                    slot.entry = entry
+                    continue
+                slot = Slot(entry, estimate=estimate(entry, self._tuning, self._device["device"]))
+                self._slots[entry_id] = slot
+                if entry.preload and self._state == "ready":
+                    self._want(slot)
+                continue
+            reload = needs_reload(slot.entry, entry)
+            if slot.entry.keep_alive != entry.keep_alive:
+                slot.keep_alive = entry.keep_alive
+            slot.entry = entry
+            if reload:
+                slot.estimate = estimate(entry, self._tuning, self._device["device"])
+                slot.weights_bytes = None
+                slot.generation += 1
+                if slot.state == "loaded":
+                    slot.stale = True  # _retire unloads it when its work is done
+                elif entry.preload:
+                    self._want(slot)
+        for slot in self._slots.values():
+            if slot.id not in residency.entries:
+                slot.removed = True
+        # Rebuild in config order (removed ones, still draining, go last).
+        self._slots = {
+            **{i: self._slots[i] for i in residency.entries},
+            **{i: s for i, s in self._slots.items() if i not in residency.entries},
+        }
+
+    def _reload(self, settings: ModelSettings, fut: Future[LoadedModel]) -> None:
+        entry_id = settings.id or self._default_id
+        slot = self._slots.get(entry_id)
+        if slot is None:
+            fut.set_exception(ModelLoadError(f"no configured model {entry_id!r}"))
+            return
+        slot.entry = settings.model_copy(update={"id": entry_id})
+        slot.generation += 1
+        if slot.state == "loaded":
+            slot.stale = True
+        slot.waiters.append(fut)
+        self._want(slot)
+
+    def _retire(self) -> None:
+        """Removed and changed models whose work is done: unload (and load changed anew)."""
+        for slot in list(self._slots.values()):
+            if slot.removed and not slot.running() and not slot.pending:
+                if slot.state == "loaded":
+                    self._unload(slot, "removed")
+                self._fail_waiting(slot, ModelUnavailable(f"model {slot.id!r} was removed"))
+                del self._slots[slot.id]
+            elif slot.stale and not slot.running():
+                self._drop_stale_pending(slot)
+                if not slot.pending:
+                    self._unload(slot, "changed")
+                    if slot.waiters or slot.pending or slot.entry.preload:
+                        self._want(slot)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def _slot_of(self, job: Job) -> Slot | None:
+        return self._slots.get(job.request.model.id)
+
+    def _enqueue(self, job: Job) -> None:
+        slot = self._slot_of(job)
+        if slot is None or (slot.removed and job.request.model is not slot.lm):
+            self._drop_pending(
+                job, Failed(ModelUnavailable("the model was removed", retry_after=1))
+            )
+            return
+        if not self._fits(job, slot):
+            self._drop_pending(job, Failed(_changed()))
+            return
+        self._jobs[job.id] = job
+        slot.pending.append(job)
+        slot.touch()
+        if slot.state != "loaded":
+            self._want(slot)
+
+    def _acquire(self, model_id: str, fut: Future[LoadedModel]) -> None:
+        slot = self._slots.get(model_id)
+        if slot is None or slot.removed:
+            error = ModelUnavailable(f"model {model_id!r} is not configured", retry_after=1)
+            fut.set_exception(error)
+            return
+        slot.touch()
+        if slot.state == "loaded" and not slot.stale and slot.lm is not None:
+            fut.set_result(slot.lm)
+            return
+        slot.waiters.append(fut)
+        if not slot.stale:
+            self._want(slot)
+
+    def _want(self, slot: Slot) -> None:
+        if slot.id not in self._wanted:
+            self._wanted.append(slot.id)
+
+    def _load_wanted(self) -> None:
+        while self._wanted:
+            slot = self._slots.get(self._wanted.pop(0))
+            if slot is None or slot.stale or slot.removed:
+                continue
+            if slot.state == "loaded":
+                self._resolve_waiters(slot)
+                continue
+            self._load(slot)
+
     def _cancel_job(self, job_id: int) -> None:
         job = self._jobs.pop(job_id, None)
         if job is None or job.done:
             return
         job.cancelled = True
-        if job in self._pending:
-            self._pending.remove(job)
+        slot = self._slot_of(job)
+        if slot is not None and job in slot.pending:
+            slot.pending.remove(job)
             self._drop_pending(job, None)
-        elif self._runner is not None:
-            self._runner.remove(job)
+        elif slot is not None and slot.runner is not None:
+            slot.runner.remove(job)
         log.debug("job.cancelled", uid=job.uid)
 
     def _drop_pending(self, job: Job, event: Event | None) -> None:
@@ -410,17 +652,36 @@ class Engine:
         if event is not None:
             job.send(event)
 
-    def _forget_done(self) -> None:
-        if any(j.done for j in self._jobs.values()):
-            self._jobs = {k: j for k, j in self._jobs.items() if not j.done}
+    def _drop_stale_pending(self, slot: Slot) -> None:
+        """Jobs tokenized for neither the loaded model nor the new config: retryable 503."""
+        for job in [j for j in slot.pending if not self._fits(j, slot)]:
+            slot.pending.remove(job)
+            self._drop_pending(job, Failed(_changed()))
+
+    @staticmethod
+    def _fits(job: Job, slot: Slot) -> bool:
+        """``job`` was tokenized for the loaded model, or for a load of the current config."""
+        lm = job.request.model
+        return lm is slot.lm or lm.revision == slot.generation
+
+    def _fail_waiting(self, slot: Slot, error: MlxdError) -> None:
+        """Requests waiting for ``slot`` (a load or a batch slot) get ``error``."""
+        while slot.pending:
+            self._drop_pending(slot.pending.popleft(), Failed(error))
+        for fut in slot.waiters:
+            if not fut.done():
+                fut.set_exception(error)
+        slot.waiters.clear()
 
     def _task_step(self) -> None:
-        """One batch or chunk of the oldest embedding or scoring request; a bad input or an
-        MLX failure ends that request only."""
+        """One batch or chunk of the oldest embedding or scoring request (its model must be
+        the loaded one); a bad input or an MLX failure ends that request only."""
         task = self._tasks[0]
+        slot = self._slots.get(task.lm.id)
         try:
-            if task.lm is not self._current:
+            if slot is None or slot.lm is not task.lm:
                 raise ModelUnavailable("the model changed; retry", retry_after=1)
+            slot.touch()
             finished = task.step()
         except Exception as exc:
             finished = True
@@ -432,124 +693,151 @@ class Engine:
         if finished:
             self._tasks.popleft()
 
-    def _maybe_switch(self) -> None:
-        if self._load_request is None:
-            return
-        settings, fut, deadline = self._load_request
-        if self._runner is not None and len(self._runner) and time.monotonic() < deadline:
-            return  # let in-flight generations finish within the grace period
-        self._load_request = None
-        if self._runner is not None:
-            self._runner.fail_all(
-                ModelUnavailable(
-                    "the model was switched while this request ran; retry", retry_after=1
-                )
-            )
-        self._load(settings, fut)
-
-    def _load(self, settings: ModelSettings, fut: Future[LoadedModel] | None) -> None:
-        from . import loader
-
-        previous = self._current
-        if previous is None:
-            self._state = "loading"
-            self._publish()
-        log.info("model.loading", path=settings.path)
-        try:
-            lm = loader.load(settings)
-            warm = warm_up(lm, self._tuning, settings.temperature, settings.top_p)
-        except (ModelLoadError, MemoryError) as exc:
-            self._load_failed(str(exc), exc, fut, settings, previous, log_exc=False)
-            return
-        except Exception as exc:  # a bug or an unexpected file: report, keep running
-            msg = f"{type(exc).__name__}: {exc}"
-            self._load_failed(msg, ModelLoadError(msg), fut, settings, previous, log_exc=True)
-            return
-        if self._runner is not None:
-            self._runner.close()
-        self._current = lm
-        self._prompt_cache.clear()  # KV caches of another model are meaningless
-        self._prompt_cache.disk = self._disk_view(lm)
-        self._runner = BatchRunner(lm, self._tuning, self._prompt_cache)
-        self._model_settings = settings
-        self._load_error = None
-        self._state = "ready"
-        # Jobs tokenized for the old model cannot run on the new one.
-        for job in [j for j in self._pending if j.request.model is not lm]:
-            self._pending.remove(job)
-            self._drop_pending(
-                job, Failed(ModelUnavailable("the model changed; retry", retry_after=1))
-            )
-        self._publish()
-        log.info("model.loaded", **lm.describe(), warmup_seconds=round(warm, 3), **self._device)
-        for callback in self.on_loaded:
-            callback(lm)
-        self.ready_event.set()
-        if fut is not None and not fut.cancelled():
-            fut.set_result(lm)
-        if previous is not None and previous is not lm:
-            import mlx.core as mx
-
-            del previous
-            mx.clear_cache()
-
-    def _disk_view(self, lm: LoadedModel) -> DiskView | None:
-        """The disk tier for ``lm`` (its directory is indexed now), or None if it cannot be."""
-        try:
-            return self.disk_cache.view(model_identity(lm))
-        except OSError as exc:
-            log.warning("prompt_cache.disk_unavailable", error=str(exc))
-            return None
-
-    def _load_failed(
-        self,
-        message: str,
-        exc: BaseException,
-        fut: Future[LoadedModel] | None,
-        settings: ModelSettings,
-        previous: LoadedModel | None,
-        *,
-        log_exc: bool,
-    ) -> None:
-        self._load_error = message
-        (log.exception if log_exc else log.error)(
-            "model.load_failed", path=settings.path, error=message
-        )
-        if previous is None:
-            self._state = "failed"
-        self._publish()
-        if fut is not None and not fut.cancelled():
-            fut.set_exception(exc)
-
-    def _renew_runner(self, error: MlxdError) -> None:
-        """After a failed step: end the running jobs and start from a fresh runner."""
-        if self._runner is None:
-            return
-        self._runner.fail_all(error)
-        self._runner.close()
-        self._runner = BatchRunner(self._runner.lm, self._tuning, self._prompt_cache)
+    def _forget_done(self) -> None:
+        if any(j.done for j in self._jobs.values()):
+            self._jobs = {k: j for k, j in self._jobs.items() if not j.done}
 
     def _admit(self) -> None:
-        runner = self._runner
-        if runner is None or self._state != "ready" or self._load_request is not None:
-            return
-        while self._pending and runner.free_slots > 0:
-            job = self._pending.popleft()
-            if job.request.model is not self._current:
-                self._drop_pending(
-                    job, Failed(ModelUnavailable("the model changed; retry", retry_after=1))
-                )
+        for slot in self._slots.values():
+            runner = slot.runner
+            if runner is None or slot.state != "loaded":
                 continue
-            with self._waiting_lock:
-                self._waiting -= 1
-            runner.add(job)
+            while slot.pending and runner.free_slots > 0:
+                job = slot.pending[0]
+                same = job.request.model is slot.lm
+                if slot.stale and not same:
+                    break  # waits for the new load
+                if not self._fits(job, slot):
+                    slot.pending.popleft()
+                    self._drop_pending(job, Failed(_changed()))
+                    continue
+                slot.pending.popleft()
+                with self._waiting_lock:
+                    self._waiting -= 1
+                slot.touch()
+                runner.add(job)
+
+    def _renew_runner(self, slot: Slot, error: MlxdError) -> None:
+        """After a failed step: end the running jobs and start from a fresh runner."""
+        if slot.runner is None or slot.lm is None or slot.prompt_cache is None:
+            return
+        slot.runner.fail_all(error)
+        slot.runner.close()
+        slot.runner = BatchRunner(slot.lm, self._tuning, slot.prompt_cache)
+
+    # -- loading and unloading ----------------------------------------------------------------
+    def _load(self, slot: Slot, *, preload: bool = False) -> None:
+        from . import loader
+
+        chosen = choose_victims(self._slots, slot, self._budget)
+        if chosen is None:
+            msg = (
+                f"not enough memory to load {slot.id!r} (needs ~{slot.cost() / 1e6:.0f} MB of "
+                f"the {self._budget / 1e6:.0f} MB budget, engine.memory_budget_bytes); held by: "
+                f"{holders(self._slots, slot)}. Retry when they are idle"
+            )
+            log.warning("model.load_refused", id=slot.id, reason="memory_budget", error=msg)
+            self._fail_waiting(slot, ModelUnavailable(msg, retry_after=5))
+            return
+        for victim in chosen:
+            self._unload(victim, "evicted")
+        slot.state = "loading"
+        self._publish()
+        log.info(
+            "model.loading",
+            id=slot.id,
+            path=slot.entry.path,
+            estimate_bytes=slot.cost(),
+            budget_bytes=self._budget,
+            preload=preload,
+        )
+        try:
+            lm = loader.load(slot.entry)
+            warm = warm_up(lm, self._tuning, slot.entry.temperature, slot.entry.top_p)
+        except (ModelLoadError, MemoryError) as exc:
+            self._load_failed(slot, str(exc), log_exc=False)
+            return
+        except Exception as exc:  # a bug or an unexpected file: report, keep running
+            self._load_failed(slot, f"{type(exc).__name__}: {exc}", log_exc=True)
+            return
+        from mlx.utils import tree_flatten
+
+        lm.revision = slot.generation
+        slot.lm = lm
+        slot.weights_bytes = sum(v.nbytes for _, v in tree_flatten(lm.model.parameters()))
+        slot.prompt_cache = PromptCache(self._tuning.prompt_cache_bytes, stats=self.cache_stats)
+        slot.prompt_cache.disk = self._disk_view(lm)
+        slot.runner = BatchRunner(lm, self._tuning, slot.prompt_cache)
+        slot.state = "loaded"
+        slot.error = None
+        slot.stale = False
+        slot.loaded_at = time.time()
+        slot.load_seconds = lm.load_seconds + warm
+        slot.touch()
+        self._publish()
+        log.info(
+            "model.loaded",
+            **lm.describe(),
+            warmup_seconds=round(warm, 3),
+            weights_bytes=slot.weights_bytes,
+            **memory_now(),
+            **self._device,
+        )
+        for callback in self.on_loaded:
+            callback(lm)
+        if slot.id == self._default_id:
+            self.ready_event.set()
+        self._resolve_waiters(slot)
+
+    def _resolve_waiters(self, slot: Slot) -> None:
+        for fut in slot.waiters:
+            if not fut.done() and slot.lm is not None:
+                fut.set_result(slot.lm)
+        slot.waiters.clear()
+
+    def _load_failed(self, slot: Slot, message: str, *, log_exc: bool) -> None:
+        slot.state = "failed"
+        slot.error = message
+        (log.exception if log_exc else log.error)(
+            "model.load_failed", id=slot.id, path=slot.entry.path, error=message
+        )
+        self._publish()
+        self._fail_waiting(
+            slot,
+            ModelUnavailable(f"model {slot.id!r} could not be loaded: {message}", retry_after=5),
+        )
+
+    def _unload(self, slot: Slot, reason: str) -> None:
+        """Drop every reference to the model, then give MLX's memory back."""
+        before = memory_now()
+        if slot.runner is not None:
+            slot.runner.fail_all(ModelUnavailable("the model was unloaded; retry", retry_after=1))
+            slot.runner.close()
+        if slot.prompt_cache is not None:
+            slot.prompt_cache.clear()
+        slot.runner = slot.prompt_cache = slot.lm = None
+        slot.state = "unloaded"
+        slot.stale = False
+        slot.loaded_at = None
+        self._publish()  # the published status held the model too
+        release_memory()
+        after = memory_now()
+        log.info(
+            "model.unloaded",
+            id=slot.id,
+            reason=reason,
+            active_bytes_before=before["active_bytes"],
+            active_bytes=after["active_bytes"],
+            rss_bytes_before=before["rss_bytes"],
+            rss_bytes=after["rss_bytes"],
+        )
 
     def _shutdown_jobs(self) -> None:
         error = ModelUnavailable("mlxd is shutting down", retry_after=5)
-        if self._runner is not None:
-            self._runner.fail_all(error)
-        while self._pending:
-            self._drop_pending(self._pending.popleft(), Failed(error))
+        for slot in self._slots.values():
+            if slot.runner is not None:
+                slot.runner.fail_all(error)
+            self._fail_waiting(slot, error)
         while self._tasks:
             task = self._tasks.popleft()
             if not task.future.cancelled():

@@ -43,6 +43,9 @@ class LoadedModel:
     load_seconds: float
     created: int = field(default_factory=lambda: int(time.time()))
     eos_token_ids: frozenset[int] = frozenset()
+    #: The engine's load generation of its model entry: a job tokenized for an earlier load
+    #: of the same configuration may run on this one (see mlxd.engine.residency).
+    revision: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {

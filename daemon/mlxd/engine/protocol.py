@@ -19,6 +19,7 @@ from ..errors import MlxdError
 
 if TYPE_CHECKING:
     from .loader import LoadedModel
+    from .residency import ModelStatus
 
 LogitsProcessor = Callable[[Any, Any], Any]
 
@@ -108,6 +109,10 @@ class EngineStatus:
     load_error: str | None = None
     prompt_cache_entries: int = 0
     prompt_cache_bytes: int = 0
+    #: Every configured model (config order) and the memory budget they share.
+    models: tuple[ModelStatus, ...] = ()
+    budget_bytes: int = 0
+    used_bytes: int = 0
 
 
 class JobHandle:

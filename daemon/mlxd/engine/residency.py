@@ -200,6 +200,28 @@ class RoundRobin:
         return None
 
 
+def release_memory() -> None:
+    """Give freed model memory back to the OS: collect garbage (reference cycles that still
+    hold arrays), drop MLX's buffer cache, and on glibc return free heap pages (``malloc``
+    keeps freed blocks below its mmap threshold in its arenas; measured on the bundled model
+    in float32: RSS 734 MB loaded, 297 MB after freeing, 106 MB after ``malloc_trim``)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import gc
+    import sys
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        name = ctypes.util.find_library("c") or "libc.so.6"
+        # Not glibc (musl has no malloc_trim): nothing more to give back.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def memory_now() -> dict[str, int]:
     """MLX's active and cached bytes and the process's resident set size (bytes)."""
     import mlx.core as mx
