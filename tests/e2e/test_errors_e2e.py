@@ -28,6 +28,14 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"messages": MSG, "n": 0}, "n"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
         ({"messages": MSG, "max_tokens": 10_000_000}, "max_tokens"),
+        (
+            {"messages": [*MSG, {"role": "assistant", "tool_calls": [{"function": "x"}]}]},
+            "messages[1].tool_calls",
+        ),
+        (
+            {"messages": [*MSG, {"role": "assistant", "tool_calls": [{"id": "c"}]}]},
+            "messages[1].tool_calls",
+        ),
     ],
 )
 def test_invalid_requests_are_400(

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
 
 from .. import __version__
@@ -46,6 +46,17 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_functions(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for call in v or []:
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError("each tool call needs a 'function' object with a string 'name'")
+            if not isinstance(fn.get("arguments", ""), str | dict):
+                raise ValueError("a tool call's 'arguments' must be a JSON string")
+        return v
 
 
 class ChatRequest(SamplingFields, StopField):
