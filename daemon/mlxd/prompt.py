@@ -70,7 +70,7 @@ def build_prompt(
             raise BadRequest(f"the model's chat template rejected these messages: {exc}") from exc
     else:
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
-    _refuse_hopeless(lm, text)
+    refuse_if_hopeless(lm, text)
     ids = tokenizer.encode(text, add_special_tokens=False)
     stripped = text.rstrip()
     return Prompt(ids=list(ids), in_think=stripped.endswith("<think>"))
@@ -93,7 +93,7 @@ def max_token_bytes(tokenizer: Any) -> int:
     return known
 
 
-def _refuse_hopeless(lm: LoadedModel, text: str) -> None:
+def refuse_if_hopeless(lm: LoadedModel, text: str, param: str = "messages") -> None:
     """A prompt that cannot fit even if every token were the longest one is refused before
     tokenizing: tokenizing 10 MB takes many seconds to learn what the byte count already says.
     """
@@ -104,5 +104,5 @@ def _refuse_hopeless(lm: LoadedModel, text: str) -> None:
             f"This model's maximum context length is {lm.context_length} tokens. However, your "
             f"messages resulted in at least {at_least} tokens ({size} bytes of prompt). Please "
             "reduce the length of the messages.",
-            param="messages",
+            param=param,
         )

@@ -447,16 +447,27 @@ def _messages_body(text: Any, seed: Any, extra: Any, arguments: Any) -> dict[str
         "system": text,
         "messages": [
             {"role": "user", "content": text},
-            {"role": "assistant", "content": [
-                {"type": "tool_use", "id": "t1", "name": "f", "input": extra}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                               "input": {"x": extra, "arguments": arguments}}]},
             {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": "t1", "content": arguments}]},
+                {"type": "tool_result", "tool_use_id": "t1", "content": text}]},
         ],
         "metadata": {"user_id": text},
     }  # fmt: skip
 
 
+def _completions_body(text: Any, seed: Any, extra: Any, arguments: Any) -> dict[str, Any]:
+    return {"prompt": [text], "max_tokens": 2, "seed": seed, "user": text, "extra": extra,
+            "arguments": arguments}  # fmt: skip
+
+
+def _embeddings_body(text: Any, seed: Any, extra: Any, arguments: Any) -> dict[str, Any]:
+    return {"input": [text], "user": text, "extra": extra, "arguments": arguments}
+
+
 ROUTE_BODIES = {
+    "/v1/completions": _completions_body,
+    "/v1/embeddings": _embeddings_body,
     "/v1/chat/completions": _chat_body,
     "/v1/responses": _responses_body,
     "/v1/messages": _messages_body,
@@ -491,7 +502,7 @@ def test_fuzz_unicode_seeds_and_nesting_on_every_route(
     bodies nested hundreds deep (in any field and inside tool-call arguments) get a clear 4xx
     or a normal answer on every generating route, streaming or not; never a 5xx."""
     body = ROUTE_BODIES[path](text, seed, extra, arguments)
-    if stream and "count_tokens" not in path:
+    if stream and "count_tokens" not in path and "embeddings" not in path:
         body["stream"] = True
     content = json.dumps(body).encode()  # lone surrogates travel as \ud800 escapes
     headers = {"content-type": "application/json"}

@@ -21,6 +21,7 @@ from .. import __version__
 from ..engine.core import Engine
 from ..engine.loader import LoadedModel
 from ..errors import BadRequest, ContextLengthExceeded, MlxdError
+from ..prompt import refuse_if_hopeless
 from . import pipeline, sse
 from .context import json_body, record, state
 from .logprobs import Entry, Logprobs, TokenText, legacy
@@ -72,6 +73,8 @@ def _token_ids(lm: LoadedModel, prompt: PromptField) -> list[list[int]]:
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            refuse_if_hopeless(lm, p, param)  # a 10 MB text is refused by its size
         ids = list(lm.tokenizer.encode(p)) if isinstance(p, str) else p
         if not ids:
             raise BadRequest("the prompt is empty", param=param, code="invalid_value")

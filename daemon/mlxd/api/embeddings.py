@@ -19,6 +19,7 @@ from quart import Blueprint, Response, jsonify
 
 from ..engine.loader import LoadedModel
 from ..errors import BadRequest, ContextLengthExceeded
+from ..prompt import refuse_if_hopeless
 from .context import json_body, record, state
 from .params import parse
 from .routing import model_for
@@ -63,6 +64,8 @@ def _token_ids(lm: LoadedModel, value: InputField) -> list[list[int]]:
     out: list[list[int]] = []
     for i, item in enumerate(inputs):
         param = "input" if isinstance(value, str) or len(inputs) == 1 else f"input[{i}]"
+        if isinstance(item, str):
+            refuse_if_hopeless(lm, item, param)  # a 10 MB text is refused by its size
         ids = list(lm.tokenizer.encode(item)) if isinstance(item, str) else item
         if not ids:
             raise BadRequest("an input is empty", param=param, code="invalid_value")
