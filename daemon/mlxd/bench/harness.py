@@ -50,11 +50,14 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """``GET path`` on 127.0.0.1: (status, parsed JSON body, or the text if it is not JSON)."""
+def get_json(
+    port: int, path: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """``GET path`` on 127.0.0.1: (status, parsed JSON body, or the text if it is not JSON).
+    Pass the server's ``headers`` (its key): without one, mlxd's /health says only status."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
         raw = resp.read()
         try:
@@ -147,7 +150,7 @@ class Server:
                 f"{self.log_tail()}"
             )
         try:
-            status, body = get_json(self.port, "/health", timeout=2.0)
+            status, body = get_json(self.port, "/health", timeout=2.0, headers=self.headers)
         except (OSError, http.client.HTTPException):
             return None
         if status != 200:

@@ -270,7 +270,7 @@ def _wait_disk_written(server: Server, entries: int, timeout: float) -> None:
     """Disk writes run in the background: wait until the tier holds ``entries`` entries."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _, health = get_json(server.port, "/health")
+        _, health = get_json(server.port, "/health", headers=server.headers)
         disk = (health.get("prompt_cache") or {}).get("disk") if isinstance(health, dict) else None
         if disk is None:
             raise BenchError(f"{server.name} reports no prompt-cache disk tier in /health")
