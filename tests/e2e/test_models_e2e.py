@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -144,8 +145,15 @@ def test_routing_load_on_demand_idle_unload_and_reload(start_daemon: Callable[..
     assert isinstance(body, dict) and body.get("code") == "model_not_found", body
     assert "smol-q4" in str(body.get("message"))
     assert ask(client, "gpt-5-mini", 4)[0] == "smol"
-    model, text, _ = ask(client, "claude-sonnet-4-5")  # the Q4 entry, loaded on demand
-    assert model == "smol-q4" and "Paris" in text
+    # Claude Code's model name, through the Anthropic SDK: a stream to a cold model (the Q4
+    # entry, loaded on demand; pings while it loads).
+    claude = anthropic.Anthropic(base_url=d.base_url, api_key="unused", max_retries=0, timeout=120)
+    with claude.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=12, messages=PARIS, extra_body={"temperature": 0}
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.model == "smol-q4" and "Paris" in text
     with d.http() as http:
         assert http.get("/v1/models/smol-q4").json()["state"] == "loaded"
 

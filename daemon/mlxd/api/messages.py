@@ -26,11 +26,13 @@ Mapping decisions a client may notice:
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 from quart import Blueprint, Response, jsonify
 
-from . import pipeline
-from .context import json_body, record, state
+from ..engine.loader import LoadedModel
+from . import pipeline, sse
+from .context import AppState, RequestRecord, json_body, record, state
 from .messages_wire import (
     ContentBlocks,
     CountTokensRequest,
@@ -43,7 +45,7 @@ from .messages_wire import (
 )
 from .params import parse
 from .pipeline import Sampling
-from .routing import model_for
+from .routing import loaded_within, model_for, request_model, stream_when_loaded
 
 bp = Blueprint("messages", __name__)
 
@@ -54,9 +56,35 @@ async def create_message() -> Response:
     st = state()
     rec = record()
     req = parse(MessagesRequest, await json_body())
-    lm = await model_for(st, rec, req.model)
+    load = request_model(st, rec, req.model)
+    keepalive = st.settings.server.sse_keepalive_seconds
+    if req.stream and not await loaded_within(load, min(keepalive, 2.0)):
+        # Claude Code's default model names reach a model through aliases, often a cold one:
+        # pings while it loads, then the stream.
+        body = stream_when_loaded(
+            load,
+            rec,
+            lambda lm: _stream(st, rec, req, lm),
+            keepalive,
+            keepalive=sse.event_frame({"type": "ping"}),
+            failed=lambda error: [sse.event_frame(error.anthropic()[1])],
+        )
+        return pipeline.sse_response(body)
+    lm = await load
+    if req.stream:
+        return pipeline.sse_response(await _stream(st, rec, req, lm))
+    gen = await _start(st, rec, req, lm)
+    head = MessageHead(f"msg_{uuid.uuid4().hex[:24]}", gen.model_id)
+    blocks = ContentBlocks()
+    done = await pipeline.collect(gen, blocks.take)
+    return jsonify(head.message(blocks.content(), done, rec.prompt_tokens or 0))
+
+
+async def _start(
+    st: AppState, rec: RequestRecord, req: MessagesRequest, lm: LoadedModel
+) -> pipeline.Generation:
     tools, choice, parallel = openai_tools(req)
-    gen = await pipeline.start(
+    return await pipeline.start(
         st,
         rec,
         lm,
@@ -77,16 +105,18 @@ async def create_message() -> Response:
         ),
         reasoning=reasoning_mode(req),
     )
+
+
+async def _stream(
+    st: AppState, rec: RequestRecord, req: MessagesRequest, lm: LoadedModel
+) -> AsyncIterator[bytes]:
+    """Start the generation and return its SSE events (errors before the first raise)."""
+    gen = await _start(st, rec, req, lm)
     head = MessageHead(f"msg_{uuid.uuid4().hex[:24]}", gen.model_id)
-    prompt_tokens = rec.prompt_tokens or 0
-    if not req.stream:
-        blocks = ContentBlocks()
-        done = await pipeline.collect(gen, blocks.take)
-        return jsonify(head.message(blocks.content(), done, prompt_tokens))
     keepalive = st.settings.server.sse_keepalive_seconds
     await pipeline.wait_first(gen, min(keepalive, 2.0))
-    renderer = EventRenderer(head, prompt_tokens)
-    return pipeline.sse_response(pipeline.stream(gen, renderer, keepalive))
+    renderer = EventRenderer(head, rec.prompt_tokens or 0)
+    return pipeline.stream(gen, renderer, keepalive)
 
 
 @bp.post("/v1/messages/count_tokens")

@@ -91,24 +91,33 @@ async def loaded_within(load: asyncio.Future[LoadedModel], seconds: float) -> bo
     return bool(done)
 
 
+def _openai_failure(error: MlxdError) -> list[bytes]:
+    return [sse.data_frame(error.body())]
+
+
 async def stream_when_loaded(
     load: asyncio.Future[LoadedModel],
     rec: RequestRecord,
     begin: Callable[[LoadedModel], Awaitable[AsyncIterator[bytes]]],
     interval: float,
+    *,
+    keepalive: bytes = sse.KEEPALIVE,
+    failed: Callable[[MlxdError], list[bytes]] = _openai_failure,
 ) -> AsyncIterator[bytes]:
-    """A stream whose model is still loading: SSE keep-alive comments every ``interval``
-    seconds while it loads, then ``begin(model)``'s frames. A failed load (or a request the
-    loaded model rejects) ends the stream with an error frame, since the status line is
+    """A stream whose model is still loading: ``keepalive`` frames (an SSE comment unless
+    the API has its own, such as Anthropic's ping) every ``interval`` seconds while it loads,
+    then ``begin(model)``'s frames. A failed load (or a request the loaded model rejects)
+    ends the stream with the API's error frame (``failed``), since the status line is
     already sent."""
     rec.streaming = True
     try:
         while not await loaded_within(load, interval):
-            yield sse.KEEPALIVE
+            yield keepalive
         body = await begin(load.result())
     except MlxdError as exc:
         rec.error = exc.code or exc.type
-        yield sse.data_frame(exc.body())
+        for frame in failed(exc):
+            yield frame
         rec.finish(exc.status)
         return
     except asyncio.CancelledError:
