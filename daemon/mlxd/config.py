@@ -9,6 +9,10 @@ the defaults below. Every key has a default, so an empty file is a valid config.
 Relative paths (``database``, ``archive_dir``, ``logging.file``) resolve against
 ``server.state_dir``, so the daemon writes to the same place whatever directory it was
 started from.
+
+One piece: the settings tree is the single source of the config documentation; its classes,
+validators, the model table and the renderers stay together so that a key, its check and its
+docs cannot drift apart.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from .models.names import alias_conflicts, derived_id, is_glob
 from .resources import checkout_root, default_config_path
 
 #: Exit status for a configuration error (sysexits.h EX_CONFIG); service units treat it as final.
@@ -415,8 +420,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _model_table_is_consistent(self) -> Settings:
-        from .models.registry import table_problems
-
         problems = table_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -581,10 +584,54 @@ def _field_for(loc: tuple[int | str, ...]) -> Any:
     return None
 
 
+# The model table (several models, one daemon; routing in mlxd.models.registry) ----------
+def is_legacy(settings: Settings) -> bool:
+    """True when the config uses the single ``[model]`` section (or no model config at all)."""
+    return not settings.models
+
+
+def model_table(settings: Settings) -> dict[str, ModelSettings]:
+    """The effective table, in file order, each entry's ``id`` set to its table name."""
+    if settings.models:
+        return {key: entry.model_copy(update={"id": key}) for key, entry in settings.models.items()}
+    entry = settings.model
+    entry_id = entry.id or derived_id(entry.path)
+    return {entry_id: entry.model_copy(update={"id": entry_id})}
+
+
+def table_problems(settings: Settings) -> list[str]:
+    """What makes the table unusable, one message per problem with its key path and a hint."""
+    problems: list[str] = []
+    if settings.models and "model" in settings.model_fields_set:
+        problems.append(
+            "[model] and [models.<id>] are both given. Hint: move the [model] keys into a "
+            "[models.<id>] table (the table name becomes the id) and delete [model]."
+        )
+    for key, entry in settings.models.items():
+        if not key.strip() or is_glob(key) or key != key.strip():
+            problems.append(
+                f"models.{key!r}: an id must be a plain name (no spaces at the ends, no * ? [)."
+            )
+        if entry.id and entry.id != key:
+            problems.append(
+                f"models.{key}.id = {entry.id!r}: the table name is the id. Hint: remove id, or "
+                f"rename the table to [models.{entry.id}]."
+            )
+    table = model_table(settings)
+    for name in ("default", "fallback"):
+        value = getattr(settings.routing, name)
+        if value and value not in table:
+            problems.append(
+                f"routing.{name} = {value!r} names no configured model. Hint: use one of: "
+                + ", ".join(table)
+                + "."
+            )
+    problems += alias_conflicts({eid: e.aliases for eid, e in table.items()})
+    return problems
+
+
 def effective_config(settings: Settings) -> dict[str, Any]:
     """The settings as plain data, with API keys masked (never print or log a key)."""
-    from .models.registry import model_table
-
     data = settings.model_dump(mode="json")
     data["security"]["api_keys"] = ["***"] * len(settings.security.api_keys)
     # The effective table: a lone [model] section shows as the one entry it stands for.

@@ -4,6 +4,9 @@
 it into what :mod:`mlxd.api.pipeline` takes; :class:`ContentBlocks` builds the content blocks
 from the pipeline's pieces (and the stream events each causes); :class:`EventRenderer` is
 the SSE renderer. The routes and the mapping decisions are in :mod:`mlxd.api.messages`.
+
+One piece: the request model, its mapping to chat messages and the content-block builder are
+the whole Anthropic wire shape; the routes live in :mod:`mlxd.api.messages`.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ the same for all of them:
 time, the failure frame, 499 on disconnect, cancelling the job, and the request's one
 ``request.completed`` record all live here. A new API is one renderer and one collector.
 
-This module is longer than most (about 550 lines) on purpose: start, pieces, Group, collect
-and stream are the one path every request follows, read top to bottom; split up, the stream
-loop and the sources it drives would bounce between files.
+One piece: start, pieces, Group, collect and stream are the one path every request follows,
+read top to bottom; split up, the stream loop and the sources it drives would bounce between
+files.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ The constrained call format is mlxd's own: one compact JSON object per call,
 whose template has native tool support and ``tool_choice: "auto"`` without a JSON
 ``response_format`` is left unconstrained and read with mlx-lm's parser for its format
 (``<tool_call>...</tool_call>`` and friends).
+
+One piece: planning (what the prompt and the grammar allow) and reading back (what the
+reader accepts) are two halves of one call format; kept together, a change to the format is
+made in one place.
 """
 
 from __future__ import annotations

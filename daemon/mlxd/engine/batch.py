@@ -10,6 +10,10 @@ A failure inside one sequence ends only that sequence: its sampler and logits pr
 wrapped so that an exception marks the job and lets the step go on (the job is then answered
 with ``Failed``), and a grammar whose matcher failed ends its job as ``Failed`` too, never as
 an ordinary stop.
+
+One piece: admission, the solo/batch handoff, stepping and finishing share one job state
+machine whose invariants (the cache holds exactly the tokens; one pending token) are kept in
+one file.
 """
 
 from __future__ import annotations

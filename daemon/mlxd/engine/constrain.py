@@ -30,6 +30,10 @@ Typical use (the engine thread)::
     processor = GrammarProcessor(grammar)                   # one per sequence
     ... logits_processors=[processor] ...
     processor.error  # None unless the matcher failed; processor.is_finished()
+
+One piece: compiling a schema (rewrites, relaxation, naming what is unsupported) and
+enforcing it (the logits processor) share the grammar's representation and llguidance's
+details; split, each half would need the other's internals.
 """
 
 from __future__ import annotations

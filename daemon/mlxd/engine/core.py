@@ -27,6 +27,10 @@ Reconfiguration (hot reload) is a command too: a removed model finishes its queu
 running jobs, then unloads; a model whose path, dtype or context length changed does the same
 and then loads anew (jobs tokenized for the old load that had not started get a retryable
 503); other entries are untouched apart from their new defaults.
+
+One piece: the thread's loop, its inbox commands and the residency decisions act on the same
+state (slots, queue, status snapshot) on one thread; split, one state machine would be
+spread over modules.
 """
 
 from __future__ import annotations

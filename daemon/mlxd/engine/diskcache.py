@@ -24,6 +24,9 @@ another model's is deleted with a warning and treated as a miss. A failed write 
 is logged and skipped; serving goes on. Before each write, least recently used files (mtime,
 touched on every hit, so the order survives restarts) are deleted until the whole directory,
 all models together, fits in ``engine.prompt_cache_disk_bytes``.
+
+One piece: the file format, its index and its writer must agree byte for byte, and the
+checks on read mirror the write path line by line.
 """
 
 from __future__ import annotations
