@@ -297,8 +297,12 @@ preload = false
     assert err.value.response.headers.get("Retry-After")
     assert "f32b" in str(err.value.body)
     assert finish[-1] == "length" and "".join(chunks)
-    model, answer, _ = ask(client, "f32", 8)
-    assert model == "f32" and "Paris" in answer
+    # Once the stream is over f32 loads (evicting f32b), here through a Responses stream.
+    with client.responses.stream(
+        model="f32", input="What is the capital of France?", max_output_tokens=8, temperature=0
+    ) as stream:
+        final = stream.get_final_response()
+    assert final.model == "f32" and "Paris" in final.output_text
     unloads = [(e["id"], e["reason"]) for e in events(d) if e["event"] == "model.unloaded"]
     assert ("f32b", "evicted") in unloads and all(i != "pin" for i, _ in unloads)
     assert d.stop() == 0

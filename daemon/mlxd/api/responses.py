@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,13 +26,14 @@ from quart import Blueprint, Response, jsonify, request
 
 from ..conversations.items import build_messages, new_id, normalize_input
 from ..conversations.store import Chain, Store, StoredResponse
+from ..engine.loader import LoadedModel
 from ..errors import BadRequest, MlxdError, NotFound
 from . import pipeline, sse
-from .context import json_body, record, state
+from .context import AppState, RequestRecord, json_body, record, state
 from .params import parse
 from .pipeline import Done, Piece, Sampling
 from .responses_wire import OutputEvent, OutputItems, ResponseHead, ResponsesRequest, status_of
-from .routing import model_for
+from .routing import loaded_within, request_model, stream_when_loaded
 from .tools import json_format
 
 bp = Blueprint("responses", __name__)
@@ -112,7 +114,49 @@ async def create_response() -> Response:
     rec = record()
     req = parse(ResponsesRequest, await json_body())
     items = normalize_input(req.input)
-    lm = await model_for(st, rec, req.model, keep_alive=req.keep_alive)
+    load = request_model(st, rec, req.model, keep_alive=req.keep_alive)
+    keepalive = st.settings.server.sse_keepalive_seconds
+    if req.stream and not await loaded_within(load, min(keepalive, 2.0)):
+        body = stream_when_loaded(
+            load,
+            rec,
+            lambda lm: _stream_turn(st, rec, req, items, lm),
+            keepalive,
+            failed=_error_event,
+        )
+        return pipeline.sse_response(body)
+    result = await _turn(st, rec, req, items, await load)
+    if isinstance(result, dict):
+        return jsonify(result)
+    return pipeline.sse_response(result)
+
+
+def _error_event(error: MlxdError) -> list[bytes]:
+    """A stream that failed before its response existed (its model did not load)."""
+    err = error.body()["error"]
+    return [sse.event_frame({"type": "error", **err})]
+
+
+async def _stream_turn(
+    st: AppState,
+    rec: RequestRecord,
+    req: ResponsesRequest,
+    items: list[dict[str, Any]],
+    lm: LoadedModel,
+) -> AsyncIterator[bytes]:
+    result = await _turn(st, rec, req, items, lm)
+    assert not isinstance(result, dict)  # req.stream is set
+    return result
+
+
+async def _turn(
+    st: AppState,
+    rec: RequestRecord,
+    req: ResponsesRequest,
+    items: list[dict[str, Any]],
+    lm: LoadedModel,
+) -> dict[str, Any] | AsyncIterator[bytes]:
+    """Pin the chain, generate, store: the response body, or (streaming) its SSE events."""
     store = st.require_store()
     pin_seconds = st.settings.server.request_timeout_seconds + 60
     chain = await asyncio.to_thread(store.begin_turn, req.previous_response_id, None, pin_seconds)
@@ -142,7 +186,7 @@ async def create_response() -> Response:
         if not req.stream:
             done = await pipeline.collect(gen, turn.output.take)
             _, body = await turn.finish(done)
-            return jsonify(body)
+            return body
         keepalive = st.settings.server.sse_keepalive_seconds
         await pipeline.wait_first(gen, min(keepalive, 2.0))
         body_stream = pipeline.stream(gen, _EventRenderer(turn), keepalive)
@@ -150,7 +194,7 @@ async def create_response() -> Response:
     finally:
         if not handed_over:
             store.end_turn(chain)  # a dict update under the store's lock: no disk access
-    return pipeline.sse_response(body_stream)
+    return body_stream
 
 
 async def _stored(response_id: str) -> StoredResponse:
