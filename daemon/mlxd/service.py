@@ -121,7 +121,11 @@ class Service:
         def loaded(lm: LoadedModel) -> None:
             loop.call_soon_threadsafe(self._on_model_loaded, lm.id)
 
+        def ready(status: str) -> None:
+            loop.call_soon_threadsafe(sd_notify, f"READY=1\nSTATUS={status}")
+
         self.engine.on_loaded.append(loaded)
+        self.engine.on_ready.append(ready)
         try:
             self.state.store = await lifecycle.open_store(self.state)
         except StoreDamaged as exc:
@@ -246,8 +250,12 @@ class Service:
         legacy = is_legacy(new) and is_legacy(old)
         if legacy and to_load:
             # The old model keeps answering (settings are not swapped yet) while the new loads.
+            # It stays the default too, so /health reports it (or its failure) until the swap.
             kept = {i: e for i, e in before.items() if i not in after}
-            self.engine.configure(replace(target, entries={**target.entries, **kept}))
+            default = Residency.from_settings(old).default_id
+            self.engine.configure(
+                replace(target, entries={**target.entries, **kept}, default_id=default)
+            )
         else:
             self.engine.configure(target)
         for entry_id in to_load:

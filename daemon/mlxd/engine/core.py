@@ -154,6 +154,9 @@ class Engine:
         self._signature: tuple[Any, ...] = ()  # what the published status was made from
         self.ready_event = threading.Event()
         self.on_loaded: list[Callable[[LoadedModel], None]] = []
+        #: Called once the models to preload are loaded (or failed), with a status line, so
+        #: a daemon whose models all load on demand still reports ready.
+        self.on_ready: list[Callable[[str], None]] = []
         # -- engine-thread state (never touched from the event loop) --
         self._tuning = engine_settings
         self._jobs: dict[int, Job] = {}  # pending and running, by id
@@ -385,6 +388,9 @@ class Engine:
                 self._load(first, preload=True)
         self._state = "ready"
         self._publish()
+        loaded = [s.id for s in self._slots.values() if s.state == "loaded"]
+        for callback in self.on_ready:
+            callback("serving " + (", ".join(loaded) or "(models load on demand)"))
         while True:
             busy = bool(self._tasks) or any(
                 s.running() or (s.pending and s.state == "loaded") for s in self._slots.values()
@@ -526,6 +532,10 @@ class Engine:
         self._default_id = residency.default_id
         if residency.budget_bytes:
             self._budget = residency.budget_bytes
+        elif self._device:  # 0: derived from the device (again, if it was set before)
+            from ..models.memory import default_budget
+
+            self._budget = default_budget(self._device["device"], self._device["backend"])
         for entry_id, entry in residency.entries.items():
             slot = self._slots.get(entry_id)
             if slot is None or slot.removed:
