@@ -106,3 +106,45 @@ def refuse_if_hopeless(lm: LoadedModel, text: str, param: str = "messages") -> N
             "reduce the length of the messages.",
             param=param,
         )
+
+
+#: What the raw-prompt routes accept: a text, texts, token ids, or lists of token ids.
+RawPrompts = str | list[str] | list[int] | list[list[int]]
+
+
+def token_lists(lm: LoadedModel, value: RawPrompts, *, param: str, room: int) -> list[list[int]]:
+    """Each raw prompt (``/v1/completions``' prompt, ``/v1/embeddings``' input) as token ids
+    (no chat template, no MLX: any thread may call). Empty prompts, token ids outside the
+    vocabulary and prompts that leave fewer than ``room`` tokens of the context (1 for a
+    completion, 0 for an embedding) are 400s naming the item."""
+    items: list[str | list[int]] = []
+    if isinstance(value, str):
+        items.append(value)
+    elif all(isinstance(t, int) for t in value):
+        items.append([t for t in value if isinstance(t, int)])  # one list of token ids
+    else:
+        items.extend(v for v in value if not isinstance(v, int))
+    vocab = int(lm.config.get("vocab_size", 0)) or len(lm.tokenizer.vocab)
+    out: list[list[int]] = []
+    for i, item in enumerate(items):
+        where = param if len(items) == 1 else f"{param}[{i}]"
+        if isinstance(item, str):
+            refuse_if_hopeless(lm, item, where)  # a 10 MB text is refused by its size
+        ids = list(lm.tokenizer.encode(item)) if isinstance(item, str) else item
+        if not ids:
+            raise BadRequest(f"{where} is empty", param=where, code="invalid_value")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(
+                f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})",
+                param=where,
+                code="invalid_value",
+            )
+        if len(ids) + room > lm.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {lm.context_length} tokens. However, "
+                f"{where} has {len(ids)} tokens. Please reduce it.",
+                param=where,
+            )
+        out.append(ids)
+    return out

@@ -20,8 +20,8 @@ from quart import Blueprint, Response, jsonify
 from .. import __version__
 from ..engine.core import Engine
 from ..engine.loader import LoadedModel
-from ..errors import BadRequest, ContextLengthExceeded, MlxdError
-from ..prompt import refuse_if_hopeless
+from ..errors import BadRequest, MlxdError
+from ..prompt import RawPrompts, token_lists
 from . import pipeline, sse
 from .context import json_body, record, state
 from .logprobs import Entry, Logprobs, TokenText, legacy
@@ -37,7 +37,7 @@ DEFAULT_MAX_TOKENS = 16
 MAX_PROMPTS = 64
 FINGERPRINT = f"mlxd-{__version__}"
 
-PromptField = str | list[str] | list[int] | list[list[int]]
+PromptField = RawPrompts
 
 
 class CompletionRequest(SamplingFields, StopField):
@@ -60,39 +60,8 @@ class CompletionRequest(SamplingFields, StopField):
         return v
 
 
-def _token_ids(lm: LoadedModel, prompt: PromptField) -> list[list[int]]:
-    """Every prompt as token ids (tokenizing runs off the event loop; no MLX)."""
-    prompts: list[str | list[int]] = []
-    if isinstance(prompt, str):
-        prompts.append(prompt)
-    elif all(isinstance(t, int) for t in prompt):
-        prompts.append([t for t in prompt if isinstance(t, int)])  # one list of token ids
-    else:
-        prompts.extend(p for p in prompt if not isinstance(p, int))
-    vocab = int(lm.config.get("vocab_size", 0)) or len(lm.tokenizer.vocab)
-    out: list[list[int]] = []
-    for i, p in enumerate(prompts):
-        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        if isinstance(p, str):
-            refuse_if_hopeless(lm, p, param)  # a 10 MB text is refused by its size
-        ids = list(lm.tokenizer.encode(p)) if isinstance(p, str) else p
-        if not ids:
-            raise BadRequest("the prompt is empty", param=param, code="invalid_value")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise BadRequest(
-                f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})",
-                param=param,
-                code="invalid_value",
-            )
-        if len(ids) >= lm.context_length:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {lm.context_length} tokens. However, "
-                f"your prompt resulted in {len(ids)} tokens. Please reduce the prompt.",
-                param=param,
-            )
-        out.append(ids)
-    return out
+def _token_ids(lm: LoadedModel, value: RawPrompts) -> list[list[int]]:
+    return token_lists(lm, value, param="prompt", room=1)
 
 
 @bp.post("/v1/completions")

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
 
 from ..engine.loader import LoadedModel
-from ..errors import BadRequest, ContextLengthExceeded
-from ..prompt import refuse_if_hopeless
+from ..errors import BadRequest
+from ..prompt import RawPrompts, token_lists
 from .context import json_body, record, state
 from .params import parse
 from .routing import model_for
@@ -29,7 +29,7 @@ bp = Blueprint("embeddings", __name__)
 #: OpenAI's own bound on inputs per request.
 MAX_INPUTS = 2048
 
-InputField = str | list[str] | list[int] | list[list[int]]
+InputField = RawPrompts
 
 
 class EmbeddingRequest(BaseModel):
@@ -51,39 +51,8 @@ class EmbeddingRequest(BaseModel):
         return v
 
 
-def _token_ids(lm: LoadedModel, value: InputField) -> list[list[int]]:
-    """Every input as token ids, checked against the vocabulary and the context (no MLX)."""
-    inputs: list[str | list[int]] = []
-    if isinstance(value, str):
-        inputs.append(value)
-    elif all(isinstance(t, int) for t in value):
-        inputs.append([t for t in value if isinstance(t, int)])  # one list of token ids
-    else:
-        inputs.extend(v for v in value if not isinstance(v, int))
-    vocab = int(lm.config.get("vocab_size", 0)) or len(lm.tokenizer.vocab)
-    out: list[list[int]] = []
-    for i, item in enumerate(inputs):
-        param = "input" if isinstance(value, str) or len(inputs) == 1 else f"input[{i}]"
-        if isinstance(item, str):
-            refuse_if_hopeless(lm, item, param)  # a 10 MB text is refused by its size
-        ids = list(lm.tokenizer.encode(item)) if isinstance(item, str) else item
-        if not ids:
-            raise BadRequest("an input is empty", param=param, code="invalid_value")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise BadRequest(
-                f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})",
-                param=param,
-                code="invalid_value",
-            )
-        if len(ids) > lm.context_length:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {lm.context_length} tokens, however "
-                f"{param} has {len(ids)} tokens. Please reduce the input.",
-                param=param,
-            )
-        out.append(ids)
-    return out
+def _token_ids(lm: LoadedModel, value: RawPrompts) -> list[list[int]]:
+    return token_lists(lm, value, param="input", room=0)
 
 
 def encode(vectors: np.ndarray, dimensions: int | None, fmt: str) -> list[Any]:
