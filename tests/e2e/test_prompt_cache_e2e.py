@@ -117,3 +117,36 @@ def test_a_responses_chain_and_a_chat_history_reuse_the_disk_after_a_restart(
     assert again.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens
     with d.http() as http:
         assert http.get("/health").json()["prompt_cache"]["disk"]["hits"] == 2
+
+
+@pytest.mark.timeout(600)
+def test_a_resent_history_reuses_the_disk_after_an_idle_unload(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """An idle unload drops the model's RAM cache with its memory; the next turn of a resent
+    Chat history loads the model again and reuses the first turn from the disk tier."""
+    d = start_daemon('[models.smol]\npath = "bundled:SmolLM2-135M-Instruct"\nkeep_alive = 3\n')
+    client = d.client(timeout=120)
+    history = [{"role": "user", "content": STORY + " What is the cat called?"}]
+    answer = client.chat.completions.create(
+        model="smol", messages=history, temperature=0, max_tokens=8
+    )
+    wait_written(d, 1)
+    deadline = time.monotonic() + 120
+    while not any(
+        e["event"] == "model.unloaded" and e.get("reason") == "idle" for e in d.log_events()
+    ):
+        assert time.monotonic() < deadline, "the model was not unloaded when idle"
+        time.sleep(0.3)
+    resent = [
+        *history,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "And how many steps?"},
+    ]
+    again = client.chat.completions.create(
+        model="smol", messages=resent, temperature=0, max_tokens=8
+    )
+    assert again.usage is not None and answer.usage is not None
+    assert again.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens
+    with d.http() as http:
+        assert http.get("/health").json()["prompt_cache"]["disk"]["hits"] >= 1
