@@ -8,17 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from test_engine import ask as ask_engine
 
 from mlxd.config import EngineSettings, ModelSettings
 from mlxd.engine.core import (
-    Delta,
     Engine,
-    Failed,
     Finished,
-    GenerationParams,
-    GenerationRequest,
 )
-from mlxd.prompt import build_prompt
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -41,25 +37,8 @@ def start(folder: Path, disk_bytes: int) -> Engine:
 
 
 async def ask(engine: Engine, question: str) -> tuple[str, Finished]:
-    lm = engine.require_model()
-    prompt = build_prompt(lm, [{"role": "user", "content": FILLER + question}])
-    job = engine.submit(
-        GenerationRequest(
-            model=lm,
-            prompt=prompt.ids,
-            params=GenerationParams(max_tokens=4, temperature=0.0, top_p=1.0),
-            in_think=prompt.in_think,
-        )
-    )
-    text = []
-    async for ev in engine.collect(job):
-        if isinstance(ev, Delta):
-            text.append(ev.content)
-        elif isinstance(ev, Failed):
-            raise ev.error
-        else:
-            return "".join(text), ev
-    raise AssertionError("no Finished event")
+    """A short greedy answer to the filler text plus ``question`` (the engine tests' helper)."""
+    return await ask_engine(engine, FILLER + question, max_tokens=4)
 
 
 def entry_files(root: Path) -> list[Path]:
