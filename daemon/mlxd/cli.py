@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import EX_CONFIG, ConfigError, Settings, config_path_from, load_settings
 
@@ -41,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--request-id", help="only lines of this request id")
     logs.add_argument("--event", help="only events starting with this name (e.g. request.)")
     logs.add_argument("-n", "--lines", type=int, default=50, help="lines of history (default 50)")
+    dist = sub.add_parser(
+        "distributed",
+        help="print (or --run) the mlx.launch line that serves one model across machines",
+    )
+    dist.add_argument("--config", dest="sub_config", help="config file ([distributed] hosts)")
+    dist.add_argument("--run", action="store_true", help="run it instead of printing it")
+    dist.add_argument("-n", type=int, default=0, help="ranks on this machine (no hosts set)")
     ps = sub.add_parser("ps", help="list the daemon's models: state, memory, idle time")
     ps.add_argument("--json", action="store_true", help="print the /health models as JSON")
     for p in (check, export, logs, ps, sub.choices["serve"]):
@@ -88,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(settings, path)
     if command == "export-model":
         return _export_model(settings, Path(args.out), args.dtype)
+    if command == "distributed":
+        from .launch import run as run_launch
+
+        return run_launch(settings, path, run=args.run, local_ranks=args.n)
     if command == "logs":
         from .logview import run as run_logs
 
@@ -176,13 +188,24 @@ def _serve(settings: Settings, path: Path | None, argv: list[str]) -> int:
     from .service import Service
 
     restrict_new_files()  # conversations and logs are the user's alone (before any file opens)
-    try:
-        setup_logging(settings.logging, settings.log_path())
-    except OSError as exc:
-        print(f"mlxd: cannot open log file {settings.log_path()}: {exc}", file=sys.stderr)
+    group, problem = _join_group(settings)
+    if problem is not None:
+        print(f"mlxd: {problem}", file=sys.stderr)
         return EX_CONFIG
+    log_path = settings.log_path()
+    if group is not None and group.rank:  # one log file per rank
+        log_path = log_path.with_name(f"{log_path.stem}.rank{group.rank}{log_path.suffix}")
+    try:
+        setup_logging(settings.logging, log_path)
+    except OSError as exc:
+        print(f"mlxd: cannot open log file {log_path}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if group is not None and group.rank:
+        from .engine.follower import follow
+
+        return follow(group, settings.engine)
     secure_state(settings, path)
-    service = Service(settings, path)
+    service = Service(settings, path, group)
     try:
         code = asyncio.run(service.run())
     except KeyboardInterrupt:
@@ -191,9 +214,33 @@ def _serve(settings: Settings, path: Path | None, argv: list[str]) -> int:
         get_logger("mlxd").exception("server.crashed", error=str(exc))
         return 1
     if code == 0 and service.restart_requested:
+        if group is not None:  # the followers stopped with rank 0; the group starts anew
+            print("mlxd: restart the group to apply the change (exit 75)", file=sys.stderr)
+            return 75
         _restart(argv)  # returns only if exec failed
         return 1
     return code
+
+
+def _join_group(settings: Settings) -> tuple[Any, str | None]:
+    """This process's group when ``mlx.launch`` started it, after checking the config can be
+    served that way (one model)."""
+    from .engine.distributed import Group, launched
+    from .models.registry import Router
+
+    if not launched():
+        return None, None
+    entries = Router.from_settings(settings).entries
+    if len(entries) > 1:
+        return None, (
+            f"a model split across ranks is served alone; the config has {len(entries)} "
+            f"models ({', '.join(entries)}). Keep one [models.<id>] entry (or [model])"
+        )
+    d = settings.distributed
+    try:
+        return Group.join(d.backend, d.sharding, d.step_timeout), None
+    except (RuntimeError, ValueError) as exc:
+        return None, f"cannot join the process group ({d.backend}): {exc}"
 
 
 def _restart(argv: list[str]) -> None:

@@ -306,6 +306,45 @@ class EngineSettings(_Section):
     )
 
 
+class DistributedSettings(_Section):
+    """[distributed]: one model across several machines, for ranks started by mlx.launch."""
+
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="Machines of the group, rank 0 first (IP addresses for the ring backend), "
+        "for `mlxd distributed`. Empty: hostfile, else this machine twice (127.0.0.1).",
+    )
+    hostfile: str = Field(
+        "",
+        description="An mlx.launch hostfile (JSON: ssh names, IPs, RDMA devices) used instead "
+        "of hosts. Relative: to the config file's directory.",
+    )
+    backend: Literal["ring", "jaccl", "mpi", "nccl"] = Field(
+        "ring",
+        description="MLX's distributed backend: 'ring' (TCP, Ethernet or Thunderbolt), "
+        "'jaccl' (RDMA over Thunderbolt 5), 'mpi', 'nccl' (CUDA).",
+    )
+    sharding: Literal["auto", "pipeline", "tensor"] = Field(
+        "auto",
+        description="How the model is split: 'pipeline' (consecutive layers per rank; any "
+        "number of ranks up to the layer count), 'tensor' (every layer split; the head counts "
+        "must divide by the number of ranks), 'auto' (pipeline).",
+    )
+    step_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds one step may wait on the other ranks before the group counts as "
+        "broken (requests then get 503 and /health names the ranks).",
+    )
+    starting_port: int = Field(
+        32323,
+        ge=1,
+        le=65535,
+        description="Ring backend: the first TCP port ranks listen on (one more per rank); open "
+        "these between the machines.",
+    )
+
+
 class RoutingSettings(_Section):
     """[routing]: which [models.<id>] entry answers a request's model name."""
 
@@ -393,6 +432,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
     conversations: ConversationSettings = Field(default_factory=ConversationSettings)  # type: ignore[arg-type]
     logging: LoggingSettings = Field(default_factory=LoggingSettings)  # type: ignore[arg-type]
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)  # type: ignore[arg-type]
 
     @classmethod
     def settings_customise_sources(
@@ -478,6 +518,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "engine": EngineSettings,
     "conversations": ConversationSettings,
     "logging": LoggingSettings,
+    "distributed": DistributedSettings,
 }
 
 

@@ -116,6 +116,15 @@ class PayloadTooLarge(MlxdError):
     code = "request_too_large"
 
 
+class NotSupported(MlxdError):
+    """A valid request this server's setup cannot answer (e.g. embeddings from a model split
+    across a process group)."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_supported"
+
+
 class Overloaded(MlxdError):
     status = 503
     type = "server_error"

@@ -27,6 +27,7 @@ from .config import Settings
 from .conversations import lifecycle
 from .conversations.store import StoreDamaged
 from .engine.core import Engine, Residency
+from .engine.distributed import Group
 from .engine.loader import LoadedModel
 from .errors import MlxdError, ModelUnavailable
 from .logs import get_logger, set_level, setup_logging
@@ -66,11 +67,13 @@ class Service:
     :meth:`serve` (hypercorn until the shutdown event) and :meth:`stop` (in order).
     """
 
-    def __init__(self, settings: Settings, config_path: Path | None) -> None:
+    def __init__(
+        self, settings: Settings, config_path: Path | None, group: Group | None = None
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.engine = Engine(
-            Residency.from_settings(settings), settings.engine, settings.state_dir()
+            Residency.from_settings(settings), settings.engine, settings.state_dir(), group
         )
         self.state = AppState(settings=settings, engine=self.engine, config_path=config_path)
         self.state.api_keys = settings.api_keys()

@@ -86,14 +86,21 @@ async def health() -> Response:
     }
     if status.load_error:
         body["error"] = status.load_error
+    group = engine.group
+    broken = group is not None and group.broken
+    if group is not None:
+        body["distributed"] = group.status.describe()
+        if broken:
+            body["status"] = "failed"
+            body["error"] = group.status.error
     if st.shutting_down:
         body["status"] = "stopping"
     if not security.authenticated(st):  # liveness only for callers without a key
         body = {"status": body["status"]}
     resp = jsonify(body)
-    if status.state != "ready" or st.shutting_down:
+    if status.state != "ready" or st.shutting_down or broken:
         resp.status_code = 503
-        resp.headers["Retry-After"] = "2" if status.state == "loading" else "30"
+        resp.headers["Retry-After"] = "2" if status.state == "loading" and not broken else "30"
     return resp
 
 

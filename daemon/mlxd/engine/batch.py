@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from ..config import EngineSettings
 from ..errors import BadRequest, GenerationFailed, MlxdError
 from ..logs import get_logger
+from .distributed import Group, agreeing
 from .loader import LoadedModel
 from .promptcache import PromptCache
 from .protocol import (
@@ -89,13 +90,26 @@ class BatchRunner:
     in decode that one leaves it again.
     """
 
-    def __init__(self, lm: LoadedModel, settings: EngineSettings, prompt_cache: PromptCache):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        settings: EngineSettings,
+        prompt_cache: PromptCache,
+        group: Group | None = None,
+    ):
         from mlx_lm.sample_utils import greedy_sampler
 
         self.lm = lm
         self.settings = settings
         self.prompt_cache = prompt_cache
-        self._greedy = greedy_sampler  # one shared sampler, so greedy rows sample batched
+        #: Serving across a process group (:mod:`.distributed`): rank 0 broadcasts each
+        #: operation before it runs it; the followers' runners get them from there.
+        self.group = group
+        self.lead = group is not None and group.rank == 0
+        # One shared sampler, so greedy rows sample batched.
+        self._greedy: Any = greedy_sampler
+        if group is not None:
+            self._greedy = agreeing(greedy_sampler if self.lead else None, group)
         self._eos = frozenset(lm.eos_token_ids)
         self._gen = make_generator(lm, settings, greedy_sampler)
         self.active: dict[int, Job] = {}  # by job id
@@ -118,7 +132,7 @@ class BatchRunner:
         self._gen.close()
 
     # -- admission ------------------------------------------------------------------------
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, now: float | None = None) -> None:
         """Start ``job``; a job whose settings cannot run (a bad seed) fails alone."""
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -128,14 +142,20 @@ class BatchRunner:
             job.done = True
             job.send(Failed(exc))
             return
+        now = time.monotonic() if now is None else now
         p = job.request.params
+        if self.lead:
+            assert self.group is not None
+            r = job.request
+            shared = replace(p, logits_processors=())  # rank 0 alone runs processors
+            self.group.send(("add", job.id, r.prompt, shared, r.reasoning_mode, r.in_think, now))
         job.detokenizer = self.lm.tokenizer.detokenizer
         if p.raw_text:
             keep_leading_space(job.detokenizer)
         job.text = TextFilter(
             stop=list(p.stop), reasoning=job.request.reasoning_mode, in_think=job.request.in_think
         )
-        job.deadline = time.monotonic() + p.timeout
+        job.deadline = now + p.timeout
         prompt = job.request.prompt
         cache, n_cached = self.prompt_cache.lookup(prompt)
         job.cached_tokens = n_cached
@@ -220,6 +240,8 @@ class BatchRunner:
         sampler: Any = self._greedy
         if p.temperature != 0:
             sampler = _guarded_sampler(job, make_sampler(p.temperature, p.top_p, p.seed, p.top_k))
+            if self.group is not None:
+                sampler = agreeing(sampler if self.lead else None, self.group)
         processors = list(p.logits_processors)
         if p.repetition_penalty and p.repetition_penalty != 1.0:
             processors += make_logits_processors(repetition_penalty=p.repetition_penalty)
@@ -231,6 +253,9 @@ class BatchRunner:
     def remove(self, job: Job) -> None:
         """Drop a cancelled job (its client is gone: nothing is sent)."""
         if self.active.pop(job.id, None) is not None:
+            if self.lead:
+                assert self.group is not None
+                self.group.send(("remove", job.id))
             self._detach(job, keep_cache=False)
             job.done = True
 
@@ -246,18 +271,32 @@ class BatchRunner:
             if job.uid in kept:
                 self.prompt_cache.store(kept[job.uid][1], kept[job.uid][0])
 
-    def step(self) -> None:
+    def step(self, now: float | None = None, failed: list[int] | None = None) -> None:
         """One step: on the fast path a prefill chunk or a token; in the batch one decode step
-        for every sequence (and one prefill chunk for waiting prompts)."""
-        now = time.monotonic()
+        for every sequence (and one prefill chunk for waiting prompts).
+
+        In a group the followers get rank 0's clock (``now``) and the jobs whose sampler or
+        grammar failed there (``failed``: rank 0 alone runs them), and apply both at the
+        start of the step, as rank 0 does."""
+        now = time.monotonic() if now is None else now
+        if self.group is not None:
+            if self.lead:
+                failed = [j.id for j in self.active.values() if j.sequence_error() is not None]
+                self.group.send(("step", now, failed))
+            for job_id in failed or ():
+                found = self.active.get(job_id)
+                if found is not None:
+                    found.error = found.error or "failed on rank 0"
+                    self._finish(found, "stop")
         for job in [j for j in self.active.values() if now > j.deadline]:
             self._finish(job, "length")
         if self._solo is not None:
             self._step_solo(*self._solo)
         elif self._by_uid:
             self._step_batch()
-        for job in [j for j in self.active.values() if j.sequence_error() is not None]:
-            self._finish(job, "stop")
+        if self.group is None:
+            for job in [j for j in self.active.values() if j.sequence_error() is not None]:
+                self._finish(job, "stop")
         self._leave_batch()
 
     def _step_solo(self, job: Job, solo: SoloSequence) -> None:
@@ -347,6 +386,14 @@ class BatchRunner:
 
     def fail_all(self, error: MlxdError) -> None:
         """End every running job with ``error`` (model switch, shutdown, a broken step)."""
+        if self.lead and self.active:
+            assert self.group is not None
+            if not self.group.broken:
+                self.group.send(("fail_all",))
+        self.fail_all_local(error)
+
+    def fail_all_local(self, error: MlxdError | None = None) -> None:
+        """:meth:`fail_all` on this rank only (a follower; a broken group)."""
         if self._by_uid:
             try:
                 self._gen.remove(list(self._by_uid))
@@ -356,7 +403,8 @@ class BatchRunner:
         self._solo = None
         for job in list(self.active.values()):
             job.done = True
-            job.send(Failed(error))
+            if error is not None:
+                job.send(Failed(error))
         self.active.clear()
 
 

@@ -41,6 +41,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -49,10 +50,18 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineSettings, ModelSettings, Settings
-from ..errors import GenerationFailed, MlxdError, ModelLoadError, ModelUnavailable, Overloaded
+from ..errors import (
+    GenerationFailed,
+    MlxdError,
+    ModelLoadError,
+    ModelUnavailable,
+    NotSupported,
+    Overloaded,
+)
 from ..logs import get_logger
 from .batch import BatchRunner, Job, make_sampler, warm_up
 from .diskcache import DiskCache, DiskView, model_identity
+from .distributed import Group, Watchdog, kv_weight
 from .embed import EmbedTask
 from .loader import LoadedModel
 from .promptcache import CacheStats, PromptCache
@@ -136,7 +145,13 @@ class Engine:
         models: ModelSettings | Residency,
         engine_settings: EngineSettings,
         state_dir: Path | None = None,
+        group: Group | None = None,
     ) -> None:
+        #: Rank 0 of a process group serving one sharded model (:mod:`.distributed`), or None.
+        self.group = group
+        self._handles: weakref.WeakValueDictionary[int, JobHandle] = (
+            weakref.WeakValueDictionary()
+        )
         self._residency = models if isinstance(models, Residency) else Residency.single(models)
         self._state_dir = state_dir
         #: The event loop's copy (the queue bound is checked there); the thread gets its own
@@ -179,6 +194,27 @@ class Engine:
     # -- called from the event loop (or any thread) -----------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.group is not None:
+            Watchdog(self.group, self._hung).start()
+
+    def _group_problem(self) -> ModelUnavailable | None:
+        if self.group is not None and self.group.broken:
+            error = self.group.status.error or "the model's process group is broken"
+            return ModelUnavailable(error, retry_after=30)
+        return None
+
+    def _hung(self, error: str) -> None:
+        """The watchdog's thread: a rank stopped answering and the engine thread waits on it.
+        Every job still open gets the error now (from here: that thread is stuck)."""
+        assert self.group is not None
+        self.group.mark_broken(error)
+        failure = self._group_problem()
+        assert failure is not None
+        with self._waiting_lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            with contextlib.suppress(RuntimeError):
+                handle.loop.call_soon_threadsafe(handle.deliver_now, Failed(failure))
 
     def status(self) -> EngineStatus:
         """An immutable snapshot of the engine's state."""
@@ -254,8 +290,11 @@ class Engine:
         one load). Fails with a 503 :class:`ModelUnavailable` when it cannot be loaded or does
         not fit the memory budget (the next call tries again)."""
         fut: Future[LoadedModel] = Future()
+        broken = self._group_problem()
         if self._stopping:
             fut.set_exception(ModelUnavailable("mlxd is shutting down", retry_after=5))
+        elif broken is not None:
+            fut.set_exception(broken)
         else:
             self._inbox.put(("acquire", (model_id, fut)))
         return fut
@@ -280,6 +319,9 @@ class Engine:
         loop. Raises 503 when shutting down or when the queue is full."""
         if self._stopping:
             raise ModelUnavailable("mlxd is shutting down", retry_after=5)
+        broken = self._group_problem()
+        if broken is not None:
+            raise broken
         with self._waiting_lock:
             if self._waiting >= self.settings.max_queue:
                 raise Overloaded(
@@ -288,6 +330,9 @@ class Engine:
                 )
             self._waiting += 1
         handle = JobHandle(next(self._ids), request, asyncio.get_running_loop(), self._cancel)
+        if self.group is not None:
+            with self._waiting_lock:
+                self._handles[handle.id] = handle
         self._inbox.put(("submit", Job(handle.id, request, self._sender(handle))))
         return handle
 
@@ -329,6 +374,7 @@ class Engine:
         steps; the future gets one unit-length float32 row per input."""
         if self._stopping:
             raise ModelUnavailable("mlxd is shutting down", retry_after=5)
+        self._refuse_in_group("embeddings")
         fut: Future[Any] = Future()
         self._inbox.put(("task", EmbedTask(lm, inputs, fut)))
         return fut
@@ -338,9 +384,14 @@ class Engine:
         the engine thread, one chunk between decode steps."""
         if self._stopping:
             raise ModelUnavailable("mlxd is shutting down", retry_after=5)
+        self._refuse_in_group("prompt logprobs (echo)")
         fut: Future[Any] = Future()
         self._inbox.put(("task", ScoreTask(lm, prompt, k, fut)))
         return fut
+
+    def _refuse_in_group(self, what: str) -> None:
+        if self.group is not None:
+            raise NotSupported(f"{what} are not served by a model split across ranks")
 
     def abort_all(self, error: MlxdError) -> None:
         """End every waiting and running job with ``error`` (shutdown budget spent)."""
@@ -378,6 +429,8 @@ class Engine:
         from .. import backend
         from ..models.memory import default_budget
 
+        if self.group is not None:
+            self.group.init()  # on this thread: every collective runs here
         self._device = backend.device_info()
         self._apply_cache_limit()
         if not self._budget:
@@ -400,6 +453,8 @@ class Engine:
             slot: Slot | None = None
             try:
                 self._load_wanted()
+                if self.group is not None:  # the watchdog times admissions and steps
+                    self.group.busy_since = time.time()
                 self._admit()
                 slot = self._rr.pick(self._slots)
                 if slot is not None:
@@ -407,9 +462,13 @@ class Engine:
                     slot.touch()  # idle time counts from the end of the last request
                 if self._tasks:
                     self._task_step()
+                if self.group is not None:
+                    self.group.busy_since = None
             except Exception as exc:  # an MLX failure must not kill the thread
                 log.exception("engine.step_failed", error=str(exc))
-                if slot is not None:
+                if self.group is not None:
+                    self._break(str(exc))
+                elif slot is not None:
                     self._renew_runner(slot, GenerationFailed(f"generation failed: {exc}"))
             self._retire()
             # A job submitted during the step (its model acquired before it) counts as work.
@@ -421,7 +480,24 @@ class Engine:
             if self._status_signature() != self._signature:
                 self._publish()
         self._shutdown_jobs()
+        if self.group is not None and not self.group.broken:
+            with contextlib.suppress(RuntimeError):
+                self.group.send(("stop",))
         self._flush()
+
+    def _break(self, error: str) -> None:
+        """The group lost a rank (a collective raised): fail everything, serve 503 from now."""
+        assert self.group is not None
+        self.group.mark_broken(error)
+        failure = self._group_problem()
+        assert failure is not None
+        for s in self._slots.values():
+            if s.runner is not None:
+                s.runner.fail_all_local(failure)
+            self._fail_waiting(s, failure)
+            if s.state == "loaded":
+                s.state, s.error = "failed", failure.message
+        self._publish()
 
     def _status_signature(self) -> tuple[Any, ...]:
         """What the published status shows, cheaply (checked every step; last use to the
@@ -484,15 +560,22 @@ class Engine:
             elif cmd == "acquire":
                 self._acquire(*arg)
             elif cmd == "cancel":
-                self._cancel_job(arg)
+                try:
+                    self._cancel_job(arg)
+                except RuntimeError as exc:  # a group's broadcast found a rank gone
+                    if self.group is None:
+                        raise
+                    self._break(str(exc))
             elif cmd == "task":
                 self._tasks.append(arg)
             elif cmd == "keep_alive":
                 found = self._slots.get(arg[0])
-                if found is not None:
+                if found is not None and self.group is None:  # a group's model stays
                     found.keep_alive = arg[1]
             elif cmd == "retune":
                 self._tuning = arg
+                if self.group is not None and not self.group.broken:
+                    self.group.send(("retune", arg.prompt_cache_bytes))
                 for s in self._slots.values():
                     if s.prompt_cache is not None:
                         s.prompt_cache.resize(arg.prompt_cache_bytes)
@@ -516,7 +599,10 @@ class Engine:
         mx.set_cache_limit(self._tuning.mlx_cache_limit_bytes)
 
     def _disk_view(self, lm: LoadedModel) -> DiskView | None:
-        """The disk tier for ``lm`` (its directory is indexed now), or None if it cannot be."""
+        """The disk tier for ``lm`` (its directory is indexed now), or None if it cannot be
+        (nor in a group: each rank's cache holds its own shard)."""
+        if self.group is not None:
+            return None
         try:
             return self.disk_cache.view(model_identity(lm))
         except OSError as exc:
@@ -528,6 +614,10 @@ class Engine:
         """Add, change and retire slots to match ``residency`` (see the module docstring)."""
         from ..models.memory import estimate
 
+        if self.group is not None:  # one model, loaded with the group and kept
+            entry = residency.entries[residency.default_id]
+            kept = entry.model_copy(update={"preload": True, "keep_alive": 0, "pinned": True})
+            residency = replace(residency, entries={residency.default_id: kept})
         self._residency = residency
         self._default_id = residency.default_id
         if residency.budget_bytes:
@@ -743,6 +833,10 @@ class Engine:
     def _load(self, slot: Slot, *, preload: bool = False) -> None:
         from . import loader
 
+        broken = self._group_problem()
+        if broken is not None:
+            self._fail_waiting(slot, broken)
+            return
         chosen = choose_victims(self._slots, slot, self._budget)
         if chosen is None:
             msg = (
@@ -766,8 +860,13 @@ class Engine:
             preload=preload,
         )
         try:
-            lm = loader.load(slot.entry)
-            warm = warm_up(lm, self._tuning, slot.entry.temperature, slot.entry.top_p)
+            if self.group is not None:  # every rank loads its shard of the same entry
+                self.group.send(("load", slot.entry.model_dump()))
+                lm = loader.load(slot.entry, group=self.group)
+                warm = 0.0  # warm-up would step without the followers
+            else:
+                lm = loader.load(slot.entry)
+                warm = warm_up(lm, self._tuning, slot.entry.temperature, slot.entry.top_p)
         except (ModelLoadError, MemoryError) as exc:
             self._load_failed(slot, str(exc), log_exc=False)
             return
@@ -781,7 +880,9 @@ class Engine:
         slot.weights_bytes = sum(v.nbytes for _, v in tree_flatten(lm.model.parameters()))
         slot.prompt_cache = PromptCache(self._tuning.prompt_cache_bytes, stats=self.cache_stats)
         slot.prompt_cache.disk = self._disk_view(lm)
-        slot.runner = BatchRunner(lm, self._tuning, slot.prompt_cache)
+        if self.group is not None:
+            slot.prompt_cache.weigh = kv_weight(lm.config)
+        slot.runner = BatchRunner(lm, self._tuning, slot.prompt_cache, self.group)
         slot.state = "loaded"
         slot.error = None
         slot.stale = False

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +23,9 @@ from .. import backend
 from ..config import ModelSettings
 from ..errors import ModelLoadError
 from ..models.source import ModelSource, resolve
+
+if TYPE_CHECKING:
+    from .distributed import Group
 
 #: 'auto' dequantizes on the CPU only while float32 weights stay under this share of RAM.
 _AUTO_DEQUANTIZE_RAM_SHARE = 0.25
@@ -58,8 +61,9 @@ class LoadedModel:
         }
 
 
-def load(settings: ModelSettings) -> LoadedModel:
-    """Resolve ``settings.path`` and load it; raises ModelLoadError with a clear message."""
+def load(settings: ModelSettings, group: Group | None = None) -> LoadedModel:
+    """Resolve ``settings.path`` and load it; raises ModelLoadError with a clear message.
+    In a process group only this rank's shard is kept (before the weights are evaluated)."""
     start = time.perf_counter()
     source = resolve(settings.path)
     target = _target_dtype(settings.dtype)
@@ -76,13 +80,21 @@ def load(settings: ModelSettings) -> LoadedModel:
         else:
             from mlx_lm.utils import load as mlx_load
 
-            model, tokenizer, config = mlx_load(str(source.path), return_config=True)
+            model, tokenizer, config = mlx_load(
+                str(source.path), return_config=True, lazy=group is not None
+            )
             dtype = _apply_dtype(model, settings.dtype, target)
+        if group is not None:
+            from .distributed import shard
+
+            shard(model, group, group.status.sharding)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load model from {source.path}: {exc}") from exc
     mx.eval(model.parameters())
+    if group is not None:
+        group.barrier()  # every rank holds its shard before the first forward
     ctx = settings.context_length or _context_length(config)
     eos = set(tokenizer.eos_token_ids or ())
     if tokenizer.eos_token_id is not None:

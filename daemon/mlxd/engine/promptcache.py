@@ -26,6 +26,7 @@ their common history. Runs on the engine thread only.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,14 @@ class PromptCache:
         self.disk = disk
         self.stats = stats if stats is not None else CacheStats()
         self._entries: list[_Entry] = []
+        #: An entry's weight against the budget: its bytes unless set. A process group sets
+        #: one every rank computes alike (see :func:`mlxd.engine.distributed.kv_weight`).
+        self.weigh: Callable[[list[int], list[Any]], int] | None = None
+
+    def _size(self, tokens: list[int], cache: list[Any]) -> int:
+        if self.weigh is not None:
+            return self.weigh(tokens, cache)
+        return sum(int(c.nbytes) for c in cache)
 
     @property
     def nbytes(self) -> int:
@@ -170,7 +179,7 @@ class PromptCache:
             if loaded is not None:
                 tokens, cache = loaded
                 n = min(_common_prefix(tokens, prompt), len(prompt) - 1)
-                self._insert(tokens, cache, sum(int(c.nbytes) for c in cache))
+                self._insert(tokens, cache, self._size(tokens, cache))
                 self.stats.ram_misses += 1
                 self.stats.disk_hits += 1
                 return _prefix_copy(cache, n), n
@@ -193,7 +202,7 @@ class PromptCache:
         if any(c.offset != len(tokens) for c in cache):
             return  # the cache does not cover exactly these tokens; never guess
         owned = materialize(cache, len(tokens))
-        nbytes = sum(int(c.nbytes) for c in owned)
+        nbytes = self._size(tokens, owned)
         if self.disk is not None:
             self.disk.put(tokens, owned)
         self._insert(tokens, owned, nbytes)
