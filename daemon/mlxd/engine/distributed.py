@@ -186,7 +186,10 @@ def agreeing(sampler: Callable[[Any], Any] | None, group: Group) -> Callable[[An
         if sampler is not None:
             token = sampler(logprobs).astype(mx.int32)
         else:
-            token = mx.zeros(logprobs.shape[:-1], dtype=mx.int32)
+            # Zeros computed from the logits, not from their shape alone: a collective that
+            # depends on nothing may be scheduled before the forward's own collectives, and
+            # then the ranks wait on different ones (a deadlock, measured).
+            token = mx.argmax(logprobs, axis=-1).astype(mx.int32) * 0
         return mx.distributed.all_sum(token, group=group.group).astype(mx.uint32)
 
     return sample
