@@ -111,7 +111,7 @@ class BatchRunner:
         if group is not None:
             self._greedy = agreeing(greedy_sampler if self.lead else None, group)
         self._eos = frozenset(lm.eos_token_ids)
-        self._gen = make_generator(lm, settings, greedy_sampler)
+        self._gen = make_generator(lm, settings, greedy_sampler, same_stream=group is not None)
         self.active: dict[int, Job] = {}  # by job id
         self._by_uid: dict[int, Job] = {}  # the ones inside the BatchGenerator
         self._solo: tuple[Job, SoloSequence] | None = None
@@ -492,7 +492,16 @@ def keep_leading_space(detokenizer: Any) -> None:
         detokenizer._maybe_trim_space = lambda text: text
 
 
-def make_generator(lm: LoadedModel, settings: EngineSettings, sampler: Any) -> Any:
+def make_generator(
+    lm: LoadedModel, settings: EngineSettings, sampler: Any, *, same_stream: bool = False
+) -> Any:
+    """mlx-lm's ``BatchGenerator`` for ``lm``. With ``same_stream`` it runs on this thread's
+    default stream instead of mlx-lm's own generation stream: in a process group every
+    collective of a rank must run in one order on one stream (the fast path and the op
+    broadcast run on the default stream; on a second stream, the batch's asynchronous next
+    step and the broadcast's ``all_sum`` were paired with different collectives on the other
+    ranks, measured: an ``UnpicklingError`` on the follower)."""
+    import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
     eos = [[t] for t in sorted(lm.eos_token_ids)]
@@ -504,6 +513,7 @@ def make_generator(lm: LoadedModel, settings: EngineSettings, sampler: Any) -> A
         completion_batch_size=settings.max_batch_size,
         prefill_batch_size=min(settings.max_batch_size, 8),
         prefill_step_size=settings.prefill_step_size,
+        stream=mx.default_stream(mx.default_device()) if same_stream else None,
     )
 
 
