@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "distributed":
         from .launch import run as run_launch
 
-        return run_launch(settings, path, run=args.run, local_ranks=args.n)
+        return run_launch(lambda: _settings(config_arg), run=args.run, local_ranks=args.n)
+    if command == "serve" and _heads_group(settings):
+        from .launch import supervise
+
+        return supervise(lambda: _settings(config_arg))
     if command == "logs":
         from .logview import run as run_logs
 
@@ -220,6 +224,15 @@ def _serve(settings: Settings, path: Path | None, argv: list[str]) -> int:
         _restart(argv)  # returns only if exec failed
         return 1
     return code
+
+
+def _heads_group(settings: Settings) -> bool:
+    """``mlxd serve`` on the first machine of a configured group, not started by mlx.launch:
+    it starts the group and keeps it running (see :func:`mlxd.launch.supervise`)."""
+    from .engine.distributed import launched
+
+    d = settings.distributed
+    return bool(d.hosts or d.hostfile) and not launched()
 
 
 def _join_group(settings: Settings) -> tuple[Any, str | None]:

@@ -311,8 +311,10 @@ class DistributedSettings(_Section):
 
     hosts: list[str] = Field(
         default_factory=list,
-        description="Machines of the group, rank 0 first (IP addresses for the ring backend), "
-        "for `mlxd distributed`. Empty: hostfile, else this machine twice (127.0.0.1).",
+        description="Machines of a group serving one model, rank 0 (this machine) first; IP "
+        "addresses for the ring backend. Set (or hostfile): `mlxd serve` starts the group with "
+        "mlx.launch and keeps it running. Empty: one process (`mlxd distributed --run -n N` "
+        "tries N ranks on this machine).",
     )
     hostfile: str = Field(
         "",

@@ -1,20 +1,40 @@
 """``mlxd distributed``: the ``mlx.launch`` line that serves the configured model across the
-machines of ``[distributed]`` (printed, or run with ``--run``).
+machines of ``[distributed]`` (printed, or run and kept running with ``--run``).
 
 Every rank runs the same ``mlxd serve`` with the same config; ``mlx.launch`` starts them
 (over ssh for other machines), sets each one's rank and, for the ring backend, the hostfile
 of ``ip:port`` addresses. Rank 0 (the first host) serves HTTP; see
 :mod:`mlxd.engine.distributed`.
+
+:func:`supervise` keeps the group running: ``mlx.launch`` ends the whole group when one rank
+exits (a lost machine, a crash, or rank 0 asking for a restart after a config edit, exit 75),
+so the supervisor starts it again: a second later after a group that ran for a minute or
+more (a requested restart), else after a back-off that doubles up to a minute. A stop
+signal ends the group (its process group: ``mlx.launch``, the local ranks, the ssh sessions
+of remote ones) and the supervisor. ``mlxd serve`` is this supervisor when
+``[distributed]`` names hosts, so the service files start a group unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import Settings
+from .config import ConfigError, Settings
+
+#: Restart back-off (seconds): first, and most.
+BACKOFF_FIRST, BACKOFF_MOST = 1.0, 60.0
+#: A group that ran this long before it ended is restarted at once.
+HEALTHY_RUN_S = 60.0
+#: How long a stopping group gets to end after SIGTERM before SIGKILL.
+STOP_GRACE_S = 30.0
 
 
 def command(settings: Settings, config: Path | None, local_ranks: int = 0) -> list[str]:
@@ -40,11 +60,83 @@ def command(settings: Settings, config: Path | None, local_ranks: int = 0) -> li
     return argv
 
 
-def run(settings: Settings, config: Path | None, *, run: bool, local_ranks: int) -> int:
-    argv = command(settings, config, local_ranks)
+def run(
+    load: Callable[[], tuple[Settings, Path | None]], *, run: bool, local_ranks: int
+) -> int:
+    """``mlxd distributed``: print the line, or (``run``) supervise the group it starts."""
+    settings, config = load()
     if not run:
-        print(shlex.join(argv))
+        print(shlex.join(command(settings, config, local_ranks)))
         return 0
-    sys.stdout.flush()
-    os.execv(argv[0], argv)
-    return 1  # not reached
+    return supervise(load, local_ranks)
+
+
+def supervise(load: Callable[[], tuple[Settings, Path | None]], local_ranks: int = 0) -> int:
+    """Start the group, start it again whenever it ends, until SIGTERM/SIGINT/SIGHUP; 0."""
+    stopping = False
+    group: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    backoff = BACKOFF_FIRST
+    while not stopping:
+        try:
+            settings, config = load()  # each start reads the config anew (hosts may change)
+        except ConfigError as exc:
+            say(f"cannot start the group: {exc}; trying again in {backoff:g}s")
+            _sleep(backoff, lambda: stopping)
+            backoff = min(backoff * 2, BACKOFF_MOST)
+            continue
+        argv = command(settings, config, local_ranks)
+        say(f"starting the group: {shlex.join(argv)}")
+        if Path(argv[0]).name == "mlx.launch":  # the same launcher, without its busy loop
+            argv = [sys.executable, "-m", "mlxd.quietlaunch", *argv[1:]]
+        started = time.monotonic()
+        # Its own process group: a stop reaches mlx.launch and every local rank at once. A
+        # standard input that never has data: the launcher forwards it to the ranks.
+        group = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.PIPE)
+        while group.poll() is None and not stopping:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                group.wait(0.5)
+        if stopping:
+            break
+        ran = time.monotonic() - started
+        if ran >= HEALTHY_RUN_S:
+            backoff = BACKOFF_FIRST
+        say(f"the group ended after {ran:.0f}s; starting it again in {backoff:g}s")
+        _sleep(backoff, lambda: stopping)
+        backoff = min(backoff * 2, BACKOFF_MOST)
+    if group is not None and group.poll() is None:
+        end_group(group)
+    say("stopped")
+    return 0
+
+
+def end_group(group: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the group's process group (rank 0 shuts down in order), SIGKILL after
+    :data:`STOP_GRACE_S`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        group.wait(STOP_GRACE_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group.pid, signal.SIGKILL)  # ranks that outlived mlx.launch too
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        group.wait(5)
+
+
+def say(message: str) -> None:
+    print(f"mlxd distributed: {message}", file=sys.stderr, flush=True)
+
+
+def _sleep(seconds: float, stopped: Callable[[], bool]) -> None:
+    end = time.monotonic() + seconds
+    while not stopped():
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(0.2, left))

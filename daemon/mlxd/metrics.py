@@ -130,6 +130,7 @@ class _EngineCollector(Collector):
         yield state
         yield memory
         yield active
+        yield from _group_metrics(engine)
         status = engine.status()
         yield GaugeMetricFamily(
             "mlxd_memory_budget_bytes",
@@ -141,6 +142,32 @@ class _EngineCollector(Collector):
             "Memory the loaded models are counted at against the budget.",
             value=float(status.used_bytes),
         )
+
+
+def _group_metrics(engine: Engine) -> Iterator[Metric]:
+    """A process group's size and each rank's state (rank 0 is the one answering)."""
+    group = engine.group
+    if group is None:
+        return
+    yield GaugeMetricFamily(
+        "mlxd_distributed_ranks",
+        "Ranks of the process group serving the model.",
+        value=float(group.size),
+    )
+    up = GaugeMetricFamily(
+        "mlxd_distributed_rank_up",
+        "1 while a rank answers, 0 once the group is broken with it among the lost ranks.",
+        labels=["rank"],
+    )
+    lost = set(group.status.suspects) if group.broken else set()
+    for rank in range(group.size):
+        up.add_metric([str(rank)], 0.0 if rank in lost else 1.0)
+    yield up
+    yield GaugeMetricFamily(
+        "mlxd_distributed_broken",
+        "1 once the process group is broken (restart it).",
+        value=1.0 if group.broken else 0.0,
+    )
 
 
 class RequestFacts(Protocol):

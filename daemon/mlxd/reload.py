@@ -64,6 +64,13 @@ RESTART_KEYS = frozenset(
         "conversations.database",
         "conversations.archive_dir",
         "engine.blas",
+        # A group is launched with these (mlxd serve heads a group when hosts are set).
+        "distributed.hosts",
+        "distributed.hostfile",
+        "distributed.backend",
+        "distributed.sharding",
+        "distributed.starting_port",
+        "distributed.step_timeout",
     }
 )
 #: Keys that change the model table the engine holds (``Service.apply_config`` hands the

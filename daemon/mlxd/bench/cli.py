@@ -47,12 +47,20 @@ def run(args: argparse.Namespace) -> int:
         config.write_text(user_config.read_text() if user_config else "")
         mlxd_env = child_env({"MLXD_MODEL__PATH": model})
         auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+        env = {"MLXD_MODEL__PATH": model, "MLXD_SERVER__HOST": "127.0.0.1"}
+        command = None
+        if args.ranks > 1:  # one model across a process group on this machine (ring)
+            command = [sys.executable, "-m", "mlxd", "distributed", "--run", "-n", str(args.ranks)]
+            env["MLXD_DISTRIBUTED__STARTING_PORT"] = str(free_port())
+            if args.sharding:
+                env["MLXD_DISTRIBUTED__SHARDING"] = args.sharding
         mlxd = Daemon.start(
             config,
             state_dir=tmp / "state",
             log=tmp / "mlxd.log",
             port=args.mlxd_port or None,
-            env={"MLXD_MODEL__PATH": model, "MLXD_SERVER__HOST": "127.0.0.1"},
+            env=env,
+            command=command,
             cwd=CHECKOUT_ROOT,
             isolate=True,
             name=MLXD,
@@ -137,6 +145,18 @@ def _parser() -> argparse.ArgumentParser:
         help="extra argument for mlx_lm.server (repeatable; default: none)",
     )
     p.add_argument("--mlxd-port", type=int, default=0, help="port for mlxd (default: free)")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="serve mlxd's model across this many ranks on this machine (mlxd distributed "
+        "--run -n N, ring backend on loopback; default 1: one process)",
+    )
+    p.add_argument(
+        "--sharding",
+        choices=["pipeline", "tensor"],
+        help="with --ranks: how the model is split (default: the config's, else pipeline)",
+    )
     p.add_argument(
         "--reference-port", type=int, default=0, help="port for mlx_lm.server (default: free)"
     )

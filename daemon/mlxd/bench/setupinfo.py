@@ -134,6 +134,7 @@ def record_setup(
                 "backend": health.get("backend"),
                 "model": health.get("model"),
                 "version": health.get("version"),
+                "distributed": health.get("distributed"),
             }
         else:
             info |= {k: v for k, v in s.info.items() if k != "health"}

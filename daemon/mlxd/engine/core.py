@@ -61,7 +61,7 @@ from ..errors import (
 from ..logs import get_logger
 from .batch import BatchRunner, Job, make_sampler, warm_up
 from .diskcache import DiskCache, DiskView, model_identity
-from .distributed import Group, Watchdog, kv_weight
+from .distributed import IDLE_TICK, Group, Watchdog, kv_weight
 from .embed import EmbedTask
 from .loader import LoadedModel
 from .promptcache import CacheStats, PromptCache
@@ -485,6 +485,15 @@ class Engine:
                 self.group.send(("stop",))
         self._flush()
 
+    def _idle_tick(self) -> None:
+        """An idle group's heartbeat: the followers sleep between these instead of waiting
+        in a collective, which the ring backend waits for by polling (a full core each)."""
+        assert self.group is not None
+        try:
+            self.group.send(("idle",))
+        except RuntimeError as exc:
+            self._break(str(exc))
+
     def _break(self, error: str) -> None:
         """The group lost a rank (a collective raised): fail everything, serve 503 from now."""
         assert self.group is not None
@@ -549,8 +558,11 @@ class Engine:
             if not block and self._inbox.empty():
                 return True
             try:
-                cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+                wait = 0.5 if self.group is None else IDLE_TICK
+                cmd, arg = self._inbox.get(timeout=wait) if block else self._inbox.get_nowait()
             except queue.Empty:
+                if block and self.group is not None and not self.group.broken:
+                    self._idle_tick()
                 return True
             block = False
             if cmd == "stop":

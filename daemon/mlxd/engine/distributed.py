@@ -39,6 +39,13 @@ from ..logs import get_logger
 
 log = get_logger("mlxd.distributed")
 
+#: Seconds between an idle rank 0's heartbeats, and how long a follower sleeps after one.
+#: A rank waiting in a ring collective polls its sockets (a full core); an idle follower
+#: sleeps instead, and joins the next collective just before rank 0 sends it. The first
+#: operation after an idle spell waits up to ``IDLE_SLEEP`` for the followers to wake.
+IDLE_TICK = 0.25
+IDLE_SLEEP = IDLE_TICK - 0.01
+
 #: Environment set by ``mlx.launch`` for each rank (ring: the hostfile; MPI/NCCL: their own).
 _LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 

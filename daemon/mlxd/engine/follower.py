@@ -3,12 +3,13 @@ applies rank 0's broadcast operations to its own runner until rank 0 says stop."
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..config import ModelSettings
 from ..logs import get_logger
 from .batch import BatchRunner, Job
-from .distributed import Group, kv_weight
+from .distributed import IDLE_SLEEP, Group, kv_weight
 from .loader import load
 from .promptcache import PromptCache
 from .protocol import GenerationRequest
@@ -30,6 +31,9 @@ def follow(group: Group, engine_settings: Any) -> int:
             if kind == "stop":
                 log.info("distributed.stopped", rank=group.rank)
                 return 0
+            if kind == "idle":  # rank 0 has nothing to do: sleep, not poll (see IDLE_TICK)
+                time.sleep(IDLE_SLEEP)
+                continue
             if kind == "load":
                 if runner is not None:
                     runner.close()
