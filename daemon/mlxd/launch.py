@@ -9,10 +9,12 @@ of ``ip:port`` addresses. Rank 0 (the first host) serves HTTP; see
 :func:`supervise` keeps the group running: ``mlx.launch`` ends the whole group when one rank
 exits (a lost machine, a crash, or rank 0 asking for a restart after a config edit, exit 75),
 so the supervisor starts it again: a second later after a group that ran for a minute or
-more (a requested restart), else after a back-off that doubles up to a minute. A stop
-signal ends the group (its process group: ``mlx.launch``, the local ranks, the ssh sessions
-of remote ones) and the supervisor. ``mlxd serve`` is this supervisor when
-``[distributed]`` names hosts, so the service files start a group unchanged.
+more (a requested restart), else after a back-off that doubles up to a minute. SIGTERM or
+SIGINT ends the group (its process group: ``mlx.launch``, the local ranks, the ssh sessions
+of remote ones) and the supervisor; SIGHUP ends the group and starts it again at once with
+the config read anew (rank 0 also applies edits by itself: it watches the file). ``mlxd
+serve`` is this supervisor when ``[distributed]`` names hosts, so the service files start a
+group unchanged.
 """
 
 from __future__ import annotations
@@ -72,16 +74,22 @@ def run(
 
 
 def supervise(load: Callable[[], tuple[Settings, Path | None]], local_ranks: int = 0) -> int:
-    """Start the group, start it again whenever it ends, until SIGTERM/SIGINT/SIGHUP; 0."""
-    stopping = False
+    """Start the group, start it again whenever it ends (or on SIGHUP), until SIGTERM or
+    SIGINT; returns 0."""
+    stopping = restarting = False
     group: subprocess.Popen[bytes] | None = None
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    def restart(signum: int, frame: object) -> None:
+        nonlocal restarting
+        restarting = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+    signal.signal(signal.SIGHUP, restart)
     backoff = BACKOFF_FIRST
     while not stopping:
         try:
@@ -99,11 +107,17 @@ def supervise(load: Callable[[], tuple[Settings, Path | None]], local_ranks: int
         # Its own process group: a stop reaches mlx.launch and every local rank at once. A
         # standard input that never has data: the launcher forwards it to the ranks.
         group = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.PIPE)
-        while group.poll() is None and not stopping:
+        while group.poll() is None and not stopping and not restarting:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 group.wait(0.5)
         if stopping:
             break
+        if restarting:  # SIGHUP: the whole group again, the config read anew
+            say("SIGHUP: restarting the group")
+            end_group(group)
+            restarting = False
+            backoff = BACKOFF_FIRST
+            continue
         ran = time.monotonic() - started
         if ran >= HEALTHY_RUN_S:
             backoff = BACKOFF_FIRST

@@ -133,7 +133,11 @@ class Reloader:
         apply: Apply,
         restart: Restart,
         record: Callable[[dict[str, Any]], None] | None = None,
+        models_restart: bool = False,
     ) -> None:
+        #: A process group (one model, loaded by every rank) applies a new model table by
+        #: starting again: rank 0 stops the followers and exits, the supervisor relaunches.
+        self.models_restart = models_restart
         self.config_path = config_path
         self.settings = settings  # the configuration in effect
         self.api_keys = api_keys
@@ -218,6 +222,8 @@ class Reloader:
         if problem is not None:
             return self._reject(trigger, problem, changed)
         restart = sorted(RESTART_KEYS.intersection(changed))
+        if self.models_restart and touches_models(changed):
+            restart = sorted(set(restart) | {k for k in changed if touches_models([k])})
         if restart:
             log.info("config.reloaded", trigger=trigger, changed=changed, restart=True)
             self._record(True, changed, None)

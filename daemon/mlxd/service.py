@@ -87,6 +87,7 @@ class Service:
             apply=self.apply_config,
             restart=self.request_restart,
             record=self._record_reload,
+            models_restart=group is not None,
         )
         self._signals = 0
         self._tasks: list[asyncio.Task[Any]] = []

@@ -30,6 +30,7 @@ class UnreachableEngine:
     state: str = "ready"
     device: dict[str, str] = field(default_factory=lambda: {"device": "cpu", "backend": "cpu"})
     load_error: str | None = None
+    group: Any = None  # not a process group (mlxd.engine.distributed)
 
     def queue_depth(self) -> int:
         return 0

@@ -243,6 +243,28 @@ def test_killed_rank_ends_the_stream_and_the_group_comes_back(
     assert ask(pipeline, PROMPTS[0]) == single[0]
 
 
+def test_model_edit_restarts_the_group_in_order(pipeline: Daemon) -> None:
+    """A config edit that changes the model table: rank 0 stops the followers and exits 75,
+    the supervisor starts the group again with the new file, which then serves."""
+    before = rank_pids(pipeline)
+    with pipeline.config_path.open("a") as f:
+        f.write("\n[engine]\nmax_batch_size = 4\n")
+    wait_until(
+        lambda: (
+            (p := rank_pids(pipeline))
+            and len(p) == 2
+            and set(p.values()).isdisjoint(before.values())
+        ),
+        START_TIMEOUT,
+        "the group to start again after the edit",
+        interval=1.0,
+    )
+    pipeline.wait_ready(timeout=START_TIMEOUT)
+    assert "restart the group to apply the change (exit 75)" in pipeline.log_tail(200000)
+    text, used = ask(pipeline, PROMPTS[3])
+    assert text and used > 0
+
+
 def test_hung_rank_fails_the_stream_after_step_timeout(pipeline: Daemon) -> None:
     """SIGSTOP a follower mid-stream: nothing raises on rank 0, so the watchdog fails the
     stream after ``step_timeout`` and ``/health`` turns 503 naming the rank."""

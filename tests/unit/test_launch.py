@@ -114,3 +114,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_sighup_starts_the_group_again(tmp_path: Path) -> None:
+    """SIGHUP ends the running group and starts a new one at once (no back-off)."""
+    pids = tmp_path / "pids"
+    sup = start_supervisor(tmp_path, f"sleep 1000 & echo $! >> {pids}\nwait\n")
+    try:
+        wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 1, 60, "a group")
+        first = int(pids.read_text().split()[0])
+        sup.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(pids.read_text().split()) == 2, 60, "the group started again")
+        wait_until(lambda: not _alive(first), 30, "the first group to end")
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        out, _ = sup.communicate(timeout=120)
+    assert sup.returncode == 0, out
+    assert "SIGHUP: restarting the group" in out
+    assert "starting it again" not in out  # no back-off: not a failure
