@@ -101,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_launch(lambda: _settings(config_arg), run=args.run, local_ranks=args.n)
     if command == "serve" and _heads_group(settings):
-        from .launch import supervise
+        from .launch import NOT_A_GROUP, supervise
 
-        return supervise(lambda: _settings(config_arg))
+        code = supervise(lambda: _settings(config_arg), keep=_heads_group)
+        if code == NOT_A_GROUP:  # [distributed] hosts were removed: one process again
+            _restart(list(sys.argv[1:] if argv is None else argv))
+            return 1
+        return code
     if command == "logs":
         from .logview import run as run_logs
 

@@ -33,7 +33,7 @@ from .config import ConfigError, Settings
 
 #: Restart back-off (seconds): first, and most.
 BACKOFF_FIRST, BACKOFF_MOST = 1.0, 60.0
-#: A group that ran this long before it ended is restarted at once.
+#: A group that ran this long before it ended is restarted after ``BACKOFF_FIRST``.
 HEALTHY_RUN_S = 60.0
 #: How long a stopping group gets to end after SIGTERM before SIGKILL.
 STOP_GRACE_S = 30.0
@@ -68,9 +68,7 @@ def command(settings: Settings, config: Path | None, local_ranks: int = 0) -> li
     return argv
 
 
-def run(
-    load: Callable[[], tuple[Settings, Path | None]], *, run: bool, local_ranks: int
-) -> int:
+def run(load: Callable[[], tuple[Settings, Path | None]], *, run: bool, local_ranks: int) -> int:
     """``mlxd distributed``: print the line, or (``run``) supervise the group it starts."""
     settings, config = load()
     if not run:
@@ -79,9 +77,18 @@ def run(
     return supervise(load, local_ranks)
 
 
-def supervise(load: Callable[[], tuple[Settings, Path | None]], local_ranks: int = 0) -> int:
+#: :func:`supervise`'s answer when the config no longer describes a group.
+NOT_A_GROUP = 75
+
+
+def supervise(
+    load: Callable[[], tuple[Settings, Path | None]],
+    local_ranks: int = 0,
+    keep: Callable[[Settings], bool] = lambda settings: True,
+) -> int:
     """Start the group, start it again whenever it ends (or on SIGHUP), until SIGTERM or
-    SIGINT; returns 0."""
+    SIGINT (0), or until the config read for a start no longer describes a group (``keep``
+    says no: :data:`NOT_A_GROUP`, and ``mlxd serve`` becomes one process)."""
     stopping = restarting = False
     group: subprocess.Popen[bytes] | None = None
 
@@ -93,45 +100,51 @@ def supervise(load: Callable[[], tuple[Settings, Path | None]], local_ranks: int
         nonlocal restarting
         restarting = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
-    signal.signal(signal.SIGHUP, restart)
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, restart)
     backoff = BACKOFF_FIRST
-    while not stopping:
-        try:
-            settings, config = load()  # each start reads the config anew (hosts may change)
-        except ConfigError as exc:
-            say(f"cannot start the group: {exc}; trying again in {backoff:g}s")
+    try:
+        while not stopping:
+            try:
+                settings, config = load()  # each start reads the config anew
+            except ConfigError as exc:
+                say(f"cannot start the group: {exc}; trying again in {backoff:g}s")
+                _sleep(backoff, lambda: stopping)
+                backoff = min(backoff * 2, BACKOFF_MOST)
+                continue
+            if not keep(settings):
+                say("the config no longer describes a group; serving as one process")
+                return NOT_A_GROUP
+            argv = command(settings, config, local_ranks)
+            say(f"starting the group: {shlex.join(argv)}")
+            if Path(argv[0]).name == "mlx.launch":  # the same launcher, without its busy loop
+                argv = [sys.executable, "-m", "mlxd.quietlaunch", *argv[1:]]
+            started = time.monotonic()
+            # Its own process group: a stop reaches mlx.launch and every local rank at once.
+            # A standard input that never has data: the launcher forwards it to the ranks.
+            group = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.PIPE)
+            while group.poll() is None and not stopping and not restarting:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    group.wait(0.5)
+            if stopping:
+                break
+            if restarting:  # SIGHUP: the whole group again, the config read anew
+                say("SIGHUP: restarting the group")
+                end_group(group)
+                restarting = False
+                backoff = BACKOFF_FIRST
+                continue
+            ran = time.monotonic() - started
+            if ran >= HEALTHY_RUN_S:
+                backoff = BACKOFF_FIRST
+            say(f"the group ended after {ran:.0f}s; starting it again in {backoff:g}s")
             _sleep(backoff, lambda: stopping)
             backoff = min(backoff * 2, BACKOFF_MOST)
-            continue
-        argv = command(settings, config, local_ranks)
-        say(f"starting the group: {shlex.join(argv)}")
-        if Path(argv[0]).name == "mlx.launch":  # the same launcher, without its busy loop
-            argv = [sys.executable, "-m", "mlxd.quietlaunch", *argv[1:]]
-        started = time.monotonic()
-        # Its own process group: a stop reaches mlx.launch and every local rank at once. A
-        # standard input that never has data: the launcher forwards it to the ranks.
-        group = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.PIPE)
-        while group.poll() is None and not stopping and not restarting:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                group.wait(0.5)
-        if stopping:
-            break
-        if restarting:  # SIGHUP: the whole group again, the config read anew
-            say("SIGHUP: restarting the group")
+    finally:
+        if group is not None and group.poll() is None:
             end_group(group)
-            restarting = False
-            backoff = BACKOFF_FIRST
-            continue
-        ran = time.monotonic() - started
-        if ran >= HEALTHY_RUN_S:
-            backoff = BACKOFF_FIRST
-        say(f"the group ended after {ran:.0f}s; starting it again in {backoff:g}s")
-        _sleep(backoff, lambda: stopping)
-        backoff = min(backoff * 2, BACKOFF_MOST)
-    if group is not None and group.poll() is None:
-        end_group(group)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     say("stopped")
     return 0
 

@@ -163,6 +163,14 @@ def _group_metrics(engine: Engine) -> Iterator[Metric]:
     for rank in range(group.size):
         up.add_metric([str(rank)], 0.0 if rank in lost else 1.0)
     yield up
+    memory = GaugeMetricFamily(
+        "mlxd_distributed_rank_memory_bytes",
+        "MLX memory of each rank once its shard of the model was loaded.",
+        labels=["rank"],
+    )
+    for rank, used in enumerate(group.status.memory):
+        memory.add_metric([str(rank)], float(used))
+    yield memory
     yield GaugeMetricFamily(
         "mlxd_distributed_broken",
         "1 once the process group is broken (restart it).",

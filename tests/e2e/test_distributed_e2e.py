@@ -148,6 +148,36 @@ def ask_all(d: Daemon) -> list[tuple[str, int]]:
         return [f.result() for f in futures]
 
 
+def long_stream(d: Daemon) -> Iterator[Any]:
+    """A long greedy stream, already producing (three chunks read)."""
+    stream = d.client(timeout=600.0).chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": LONG}],
+        temperature=0,
+        max_tokens=2000,
+        stream=True,
+    )
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    return chunks
+
+
+def wait_for_new_group(d: Daemon, before: dict[int, int]) -> None:
+    """The supervisor started a new group (no process of ``before`` left) and it is ready."""
+    wait_until(
+        lambda: (
+            (p := rank_pids(d))
+            and len(p) == len(before)
+            and set(p.values()).isdisjoint(before.values())
+        ),
+        START_TIMEOUT,
+        "the supervisor to start the group again",
+        interval=1.0,
+    )
+    d.wait_ready(timeout=START_TIMEOUT)
+
+
 @pytest.fixture(scope="module")
 def single(shared_daemon: Daemon) -> list[tuple[str, int]]:
     """The single process's answers: the reference."""
@@ -166,13 +196,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def test_pipeline_group_answers_like_one_process(
     pipeline: Daemon, single: list[tuple[str, int]]
 ) -> None:
-    health = pipeline.info["health"]
-    assert health["distributed"] == {
-        "ranks": 2,
-        "backend": "ring",
-        "sharding": "pipeline",
-        "state": "ok",
-    }
+    group = dict(pipeline.info["health"]["distributed"])
+    memory = group.pop("rank_memory_bytes")
+    assert group == {"ranks": 2, "backend": "ring", "sharding": "pipeline", "state": "ok"}
+    # Each rank holds about half of the model (15 of 30 layers each; rank 0 also the head).
+    assert len(memory) == 2 and all(m > 0 for m in memory)
+    assert max(memory) < 3 * min(memory), memory
     assert sorted(rank_pids(pipeline)) == [0, 1]
     assert ask(pipeline, PROMPTS[0]) == single[0]
     assert ask(pipeline, PROMPTS[1], stream=True) == single[1]
@@ -201,6 +230,7 @@ def test_group_keeps_the_rest_of_the_daemon(pipeline: Daemon) -> None:
         metrics = http.get("/metrics").text
         assert "mlxd_distributed_ranks 2.0" in metrics
         assert 'mlxd_distributed_rank_up{rank="1"} 1.0' in metrics
+        assert 'mlxd_distributed_rank_memory_bytes{rank="1"}' in metrics
         resp = http.post("/v1/embeddings", json={"model": "m", "input": "hi"})
         assert resp.status_code == 501, resp.text
         assert "split across ranks" in resp.json()["error"]["message"]
@@ -212,17 +242,7 @@ def test_killed_rank_ends_the_stream_and_the_group_comes_back(
     """SIGKILL a follower mid-stream: the stream ends with an error frame (not a hang, not a
     clean finish), the supervisor starts the group again, and it answers as before."""
     before = rank_pids(pipeline)
-    client = pipeline.client(timeout=600.0)
-    stream = client.chat.completions.create(
-        model="m",
-        messages=[{"role": "user", "content": LONG}],
-        temperature=0,
-        max_tokens=2000,
-        stream=True,
-    )
-    chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
+    chunks = long_stream(pipeline)
     os.kill(before[1], signal.SIGKILL)
     killed = time.monotonic()
     with pytest.raises(openai.APIError, match=r"process group is broken|shutting down"):
@@ -230,17 +250,7 @@ def test_killed_rank_ends_the_stream_and_the_group_comes_back(
             pass
     assert time.monotonic() - killed < STEP_TIMEOUT + 30
     # The supervisor starts a new group (new processes) that serves again.
-    wait_until(
-        lambda: (
-            (p := rank_pids(pipeline))
-            and len(p) == 2
-            and set(p.values()).isdisjoint(before.values())
-        ),
-        START_TIMEOUT,
-        "the supervisor to start the group again",
-        interval=1.0,
-    )
-    pipeline.wait_ready(timeout=START_TIMEOUT)
+    wait_for_new_group(pipeline, before)
     assert ask(pipeline, PROMPTS[0]) == single[0]
 
 
@@ -250,17 +260,7 @@ def test_model_edit_restarts_the_group_in_order(pipeline: Daemon) -> None:
     before = rank_pids(pipeline)
     with pipeline.config_path.open("a") as f:
         f.write("\n[engine]\nmax_batch_size = 4\n")
-    wait_until(
-        lambda: (
-            (p := rank_pids(pipeline))
-            and len(p) == 2
-            and set(p.values()).isdisjoint(before.values())
-        ),
-        START_TIMEOUT,
-        "the group to start again after the edit",
-        interval=1.0,
-    )
-    pipeline.wait_ready(timeout=START_TIMEOUT)
+    wait_for_new_group(pipeline, before)
     assert "restart the group to apply the change (exit 75)" in pipeline.log_tail(200000)
     text, used = ask(pipeline, PROMPTS[3])
     assert text and used > 0
@@ -270,17 +270,7 @@ def test_hung_rank_fails_the_stream_after_step_timeout(pipeline: Daemon) -> None
     """SIGSTOP a follower mid-stream: nothing raises on rank 0, so the watchdog fails the
     stream after ``step_timeout`` and ``/health`` turns 503 naming the rank."""
     ranks = rank_pids(pipeline)
-    client = pipeline.client(timeout=600.0)
-    stream = client.chat.completions.create(
-        model="m",
-        messages=[{"role": "user", "content": LONG}],
-        temperature=0,
-        max_tokens=2000,
-        stream=True,
-    )
-    chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
+    chunks = long_stream(pipeline)
     os.kill(ranks[1], signal.SIGSTOP)
     stopped = time.monotonic()
     try:

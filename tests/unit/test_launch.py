@@ -132,3 +132,12 @@ def test_sighup_starts_the_group_again(tmp_path: Path) -> None:
     assert sup.returncode == 0, out
     assert "SIGHUP: restarting the group" in out
     assert "starting it again" not in out  # no back-off: not a failure
+
+
+def test_supervisor_hands_back_when_the_config_is_no_group_any_more() -> None:
+    """``mlxd serve`` supervises while [distributed] names hosts; a config read for a start
+    that names none makes it one process again (NOT_A_GROUP; nothing was started)."""
+    before = signal.getsignal(signal.SIGTERM)
+    code = launch.supervise(lambda: (Settings(), None), keep=lambda settings: False)
+    assert code == launch.NOT_A_GROUP
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handlers are back

@@ -65,6 +65,8 @@ class GroupState:
     state: str = "ok"  # ok | broken
     error: str | None = None
     suspects: list[int] = field(default_factory=list)
+    #: Each rank's MLX memory once its shard is loaded (bytes, by rank).
+    memory: list[int] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -73,6 +75,8 @@ class GroupState:
             "sharding": self.sharding,
             "state": self.state,
         }
+        if self.memory:
+            out["rank_memory_bytes"] = self.memory
         if self.error is not None:
             out["error"] = self.error
             out["ranks_lost"] = self.suspects
@@ -161,10 +165,15 @@ class Group:
             if not outer:
                 self.busy_since = None
 
-    def barrier(self) -> None:
+    def loaded(self) -> None:
+        """Every rank, once its shard is loaded: wait for the others (a barrier) and learn
+        each rank's MLX memory, which rank 0 reports per rank."""
         import mlx.core as mx
 
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group, stream=mx.cpu))
+        mine = mx.array([mx.get_active_memory()], dtype=mx.int64)
+        every = mx.distributed.all_gather(mine, group=self.group, stream=mx.cpu)
+        values: list[int] = every.tolist()  # type: ignore[assignment]
+        self.status.memory = [int(v) for v in values]
 
 
 def _launched_size() -> int:

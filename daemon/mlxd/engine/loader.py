@@ -94,7 +94,7 @@ def load(settings: ModelSettings, group: Group | None = None) -> LoadedModel:
         raise ModelLoadError(f"cannot load model from {source.path}: {exc}") from exc
     mx.eval(model.parameters())
     if group is not None:
-        group.barrier()  # every rank holds its shard before the first forward
+        group.loaded()  # every rank holds its shard before the first forward
     ctx = settings.context_length or _context_length(config)
     eos = set(tokenizer.eos_token_ids or ())
     if tokenizer.eos_token_id is not None:
