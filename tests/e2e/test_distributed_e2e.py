@@ -39,7 +39,7 @@ PROMPTS = [
     "Say hello in Spanish.",
     "What is 2+2?",
 ]
-MAX_TOKENS = 12
+MAX_TOKENS = 10
 #: Generous: a step on a loaded 2-core machine without OpenBLAS takes seconds, not tens.
 STEP_TIMEOUT = 30.0
 #: Starting ranks (imports, loading, joining the ring) on a slow, busy machine.
@@ -304,8 +304,7 @@ def test_tensor_group_of_three_answers_like_one_process(
     try:
         assert d.info["health"]["distributed"]["sharding"] == "tensor"
         assert d.info["health"]["distributed"]["ranks"] == 3
-        assert ask_all(d) == single
-        assert ask(d, PROMPTS[2], stream=True) == single[2]
+        assert ask_all(d) == single  # four at once, the first one streamed
     finally:
         stop_group(d)
 
