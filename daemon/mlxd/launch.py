@@ -20,6 +20,7 @@ group unchanged.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shlex
 import signal
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, Settings
+from .sdnotify import sd_notify
 
 #: Restart back-off (seconds): first, and most.
 BACKOFF_FIRST, BACKOFF_MOST = 1.0, 60.0
@@ -103,6 +105,7 @@ def supervise(
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, restart)
     backoff = BACKOFF_FIRST
+    notify, ready = bool(os.environ.get("NOTIFY_SOCKET")), False
     try:
         while not stopping:
             try:
@@ -122,10 +125,14 @@ def supervise(
             started = time.monotonic()
             # Its own process group: a stop reaches mlx.launch and every local rank at once.
             # A standard input that never has data: the launcher forwards it to the ranks.
-            group = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.PIPE)
+            # systemd hears from the supervisor (NotifyAccess=main), not from rank 0.
+            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            group = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.PIPE, env=env)
             while group.poll() is None and not stopping and not restarting:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     group.wait(0.5)
+                if notify and not ready and (ready := _answers(settings)):
+                    sd_notify(f"READY=1\nSTATUS=serving through a group ({shlex.join(argv)})")
             if stopping:
                 break
             if restarting:  # SIGHUP: the whole group again, the config read anew
@@ -142,11 +149,27 @@ def supervise(
             backoff = min(backoff * 2, BACKOFF_MOST)
     finally:
         if group is not None and group.poll() is None:
+            sd_notify("STOPPING=1")
             end_group(group)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     say("stopped")
     return 0
+
+
+def _answers(settings: Settings) -> bool:
+    """Rank 0's ``/health`` says ok (liveness: no key needed)."""
+    host = settings.server.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    conn = http.client.HTTPConnection(host, settings.server.port, timeout=1.0)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 def end_group(group: subprocess.Popen[bytes]) -> None:

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,23 +31,9 @@ from .engine.loader import LoadedModel
 from .errors import MlxdError, ModelUnavailable
 from .logs import get_logger, set_level, setup_logging
 from .reload import LOG_FILE_KEYS, Reloader, touches_models
+from .sdnotify import sd_notify
 
 log = get_logger("mlxd.service")
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd about our state (Type=notify); a no-op when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("systemd.notify_failed", error=str(exc))
 
 
 #: hypercorn limits, chosen rather than inherited (README "Limits" lists them). A connection

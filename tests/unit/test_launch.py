@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from conftest import wait_until
 from mlxd import launch
+from mlxd.bench.harness import free_port
 from mlxd.config import Settings
 
 
@@ -39,8 +41,10 @@ def test_command_for_local_ranks_and_hosts(tmp_path: Path) -> None:
     assert "--hosts" not in argv
 
 
-def start_supervisor(tmp_path: Path, group_script: str) -> subprocess.Popen[str]:
-    """A supervisor whose "group" is ``group_script`` (sh), which appends to ``starts``."""
+def start_supervisor(
+    tmp_path: Path, group_script: str, *, port: int = 8765, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """A supervisor whose "group" is ``group_script`` (sh); rank 0 would answer on ``port``."""
     script = tmp_path / "group.sh"
     script.write_text(group_script)
     driver = textwrap.dedent(
@@ -51,12 +55,14 @@ def start_supervisor(tmp_path: Path, group_script: str) -> subprocess.Popen[str]
         launch.BACKOFF_FIRST = 0.2
         launch.STOP_GRACE_S = 5.0
         launch.command = lambda settings, config, local_ranks=0: ["sh", {str(script)!r}]
-        sys.exit(launch.supervise(lambda: (Settings(), None)))
+        settings = Settings.model_validate({{"server": {{"port": {port}}}}})
+        sys.exit(launch.supervise(lambda: (settings, None)))
         """
     )
     return subprocess.Popen(
         [sys.executable, "-c", driver],
         cwd=tmp_path,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -141,3 +147,37 @@ def test_supervisor_hands_back_when_the_config_is_no_group_any_more() -> None:
     code = launch.supervise(lambda: (Settings(), None), keep=lambda settings: False)
     assert code == launch.NOT_A_GROUP
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handlers are back
+
+
+def test_systemd_hears_ready_from_the_supervisor_once_rank_0_answers(tmp_path: Path) -> None:
+    """Under systemd (Type=notify, NotifyAccess=main) the supervisor is the main process: it
+    sends READY=1 once rank 0's /health answers and STOPPING=1 when it stops the group; the
+    ranks do not get the notify socket. Rank 0 here is a static HTTP server with a health
+    file."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "health").write_text("ok")
+    port = free_port()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(120)
+    group = textwrap.dedent(
+        f"""
+        echo "${{NOTIFY_SOCKET:-unset}}" > {tmp_path / "rank-env"}
+        sleep 1
+        cd {site} && exec {sys.executable} -m http.server {port} --bind 127.0.0.1
+        """
+    )
+    sup = start_supervisor(
+        tmp_path, group, port=port, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    )
+    try:
+        ready = notify.recv(4096).decode()
+        assert ready.startswith("READY=1\nSTATUS=serving through a group")
+        assert (tmp_path / "rank-env").read_text().strip() == "unset"
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        out, _ = sup.communicate(timeout=120)
+    assert notify.recv(4096) == b"STOPPING=1"
+    notify.close()
+    assert sup.returncode == 0, out
