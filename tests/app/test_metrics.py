@@ -39,6 +39,7 @@ class FakeEngine:
     load_error: str | None = None
     depth: int = 3
     active: int = 2
+    group: Any = None  # a process group (mlxd.engine.distributed.Group), or none
 
     def queue_depth(self) -> int:
         return self.depth
@@ -109,6 +110,28 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     assert value(text, "mlxd_queue_depth") == 0 and value(text, "mlxd_model_ready") == 0
     assert not any(name == "mlxd_model_info" for name, _ in samples(text))
     assert value(text, "mlxd_model_state", model="fake-model", state="unloaded") == 1
+
+
+def test_a_process_group_is_described_per_rank() -> None:
+    """A group's size, each rank's memory and which ranks answer; no group, no series."""
+    from mlxd.engine.distributed import Group
+
+    assert "mlxd_distributed" not in Metrics(FakeEngine()).render()[0].decode()  # type: ignore[arg-type]
+    group = Group(0, "ring", "pipeline", step_timeout=10)
+    group.size = group.status.size = 3
+    group.status.memory = [300, 200, 100]
+    engine = FakeEngine(group=group)
+    metrics = Metrics(engine)  # type: ignore[arg-type]
+    text = metrics.render()[0].decode()
+    assert value(text, "mlxd_distributed_ranks") == 3
+    assert [value(text, "mlxd_distributed_rank_up", rank=str(r)) for r in range(3)] == [1, 1, 1]
+    assert value(text, "mlxd_distributed_rank_memory_bytes", rank="2") == 100
+    assert value(text, "mlxd_distributed_broken") == 0
+    group.mark_broken("[ring] connection to a peer was lost")
+    text = metrics.render()[0].decode()
+    # Rank 0 sees its ring neighbours go: ranks 1 and 2 of 3.
+    assert [value(text, "mlxd_distributed_rank_up", rank=str(r)) for r in range(3)] == [1, 0, 0]
+    assert value(text, "mlxd_distributed_broken") == 1
 
 
 def test_prompt_cache_tiers_are_scraped() -> None:

@@ -67,6 +67,7 @@ class ScriptedEngine:
     state: str = "ready"
     device: dict[str, str] = field(default_factory=lambda: {"device": "cpu"})
     load_error: str | None = None
+    group: Any = None  # not a process group (mlxd.engine.distributed)
 
     def require_model(self) -> FakeModel:
         return self.current

@@ -40,8 +40,12 @@ PROMPTS = [
     "What is 2+2?",
 ]
 MAX_TOKENS = 10
-#: Generous: a step on a loaded 2-core machine without OpenBLAS takes seconds, not tens.
-STEP_TIMEOUT = 30.0
+#: The pipeline group's step_timeout, which the hung-rank test waits out: generous for one
+#: step (a decode step or a prefill chunk of four short prompts on two ranks takes seconds on
+#: a loaded 2-core machine without OpenBLAS), short enough to wait for once.
+STEP_TIMEOUT = 45.0
+#: Groups that test no hang get a step_timeout no slow machine reaches.
+NO_HANG_TIMEOUT = 600.0
 #: Starting ranks (imports, loading, joining the ring) on a slow, busy machine.
 START_TIMEOUT = 300.0
 LONG = "Write a long story about a dragon who learns to read."
@@ -65,12 +69,12 @@ def ring_base(ranks: int) -> int:
     raise AssertionError("no run of free ports for the ring")
 
 
-def start_group(tmp: Path, ranks: int, sharding: str) -> Daemon:
+def start_group(tmp: Path, ranks: int, sharding: str, step_timeout: float) -> Daemon:
     config = (
         "[distributed]\n"
         f'sharding = "{sharding}"\n'
         f"starting_port = {ring_base(ranks)}\n"
-        f"step_timeout = {STEP_TIMEOUT}\n"
+        f"step_timeout = {step_timeout}\n"
     )
     d = spawn_daemon(
         tmp,
@@ -186,7 +190,7 @@ def single(shared_daemon: Daemon) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_group(tmp_path_factory.mktemp("pipeline"), 2, "pipeline")
+    d = start_group(tmp_path_factory.mktemp("pipeline"), 2, "pipeline", STEP_TIMEOUT)
     try:
         yield d
     finally:
@@ -300,7 +304,7 @@ def test_hung_rank_fails_the_stream_after_step_timeout(pipeline: Daemon) -> None
 def test_tensor_group_of_three_answers_like_one_process(
     tmp_path: Path, single: list[tuple[str, int]]
 ) -> None:
-    d = start_group(tmp_path / "tensor", 3, "tensor")
+    d = start_group(tmp_path / "tensor", 3, "tensor", NO_HANG_TIMEOUT)
     try:
         assert d.info["health"]["distributed"]["sharding"] == "tensor"
         assert d.info["health"]["distributed"]["ranks"] == 3

@@ -19,9 +19,10 @@ from mlxd.engine.diskcache import BLOCK_TOKENS
 
 pytestmark = pytest.mark.e2e
 
-#: About 3,000 prompt tokens with the bundled model's tokenizer (checked below).
+#: About 1,175 prompt tokens with the bundled model's tokenizer (checked below): more than
+#: two prefill chunks of 512, and a cold prefill that stays short on a slow machine.
 LONG_TEXT = " ".join(
-    f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(1, 211)
+    f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(1, 90)
 )
 #: Well over one 64-token block, so a first turn lands on disk.
 STORY = (
@@ -63,19 +64,19 @@ def chat(client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int)
 def test_a_long_prompt_is_served_from_disk_after_a_restart(
     start_daemon: Callable[..., Daemon],
 ) -> None:
-    """A 3,000-token prompt, a restart, the same prompt: at least 2,900 tokens come from the
+    """A 1,175-token prompt, a restart, the same prompt: at least 1,100 tokens come from the
     disk tier (cached_tokens) and the greedy answer is the one computed cold."""
     messages = [{"role": "user", "content": LONG_TEXT + "\nWhich fact comes first?"}]
     d = start_daemon()
-    # A cold 3,000-token prefill on a slow two-core machine without OpenBLAS takes minutes.
+    # A cold prefill on a slow two-core machine without OpenBLAS takes a minute or more.
     cold = chat(d.client(timeout=600), messages, 12)
-    assert 2950 <= cold.usage.prompt_tokens <= 3400, cold.usage
+    assert 1150 <= cold.usage.prompt_tokens <= 1250, cold.usage
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
     wait_written(d, 1)
 
     d = restart(start_daemon, d)
     warm = chat(d.client(timeout=600), messages, 12)
-    assert warm.usage.prompt_tokens_details.cached_tokens >= 2900, warm.usage
+    assert warm.usage.prompt_tokens_details.cached_tokens >= 1100, warm.usage
     assert warm.choices[0].message.content == cold.choices[0].message.content
     with d.http() as http:
         disk = http.get("/health").json()["prompt_cache"]["disk"]

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -453,17 +453,14 @@ class Engine:
             slot: Slot | None = None
             try:
                 self._load_wanted()
-                if self.group is not None:  # the watchdog times admissions and steps
-                    self.group.busy_since = time.time()
-                self._admit()
+                self._admit()  # in a group, the watchdog times each broadcast
                 slot = self._rr.pick(self._slots)
                 if slot is not None:
-                    slot.runner.step()
+                    with self._timed():
+                        slot.runner.step()
                     slot.touch()  # idle time counts from the end of the last request
                 if self._tasks:
                     self._task_step()
-                if self.group is not None:
-                    self.group.busy_since = None
             except Exception as exc:  # an MLX failure must not kill the thread
                 log.exception("engine.step_failed", error=str(exc))
                 if self.group is not None:
@@ -484,6 +481,18 @@ class Engine:
             with contextlib.suppress(RuntimeError):
                 self.group.send(("stop",))
         self._flush()
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """In a group: the watchdog times this step (one decode step, or one prefill chunk;
+        a model load is not timed: a peer that dies makes it raise)."""
+        if self.group is not None:
+            self.group.busy_since = time.time()
+        try:
+            yield
+        finally:
+            if self.group is not None:
+                self.group.busy_since = None
 
     def _idle_tick(self) -> None:
         """An idle group's heartbeat: the followers sleep between these instead of waiting
