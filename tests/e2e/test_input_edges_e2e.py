@@ -134,7 +134,21 @@ def test_abandoned_non_streaming_request_still_logs_request_completed(
     """A client that gives up on a non-streaming request leaves its canonical log line
     (status 499, client_disconnected); it used to leave none."""
     rid = "req_abandoned_nonstream_1"
-    body = {"messages": MSG, "max_tokens": 2000, "temperature": 1.0}
+    # A grammar that cannot end before 6,000 characters: the answer outlasts the client's
+    # patience on any machine (an unconstrained answer may end at once).
+    schema = {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 6000}},
+        "required": ["text"],
+    }
+    body = {
+        "messages": MSG,
+        "max_tokens": 4000,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "long", "schema": schema},
+        },
+    }
     with shared_daemon.http(timeout=1.5) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": rid})
     lines = wait_until(
