@@ -115,14 +115,19 @@ class Daemon(harness.Daemon):
     def stderr_tail(self, n: int = 4000) -> str:
         return self.log_tail(n)
 
+    #: Default read timeouts: bounds for a hang, not speed claims; a short answer on a loaded
+    #: 2-core machine without OpenBLAS can take a minute (tests that need a timeout set it).
+    CLIENT_TIMEOUT = 300.0
+    HTTP_TIMEOUT = 120.0
+
     def client(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("api_key", "unused")
-        kwargs.setdefault("timeout", 60.0)
+        kwargs.setdefault("timeout", self.CLIENT_TIMEOUT)
         kwargs.setdefault("max_retries", 0)
         return openai.OpenAI(base_url=f"{self.base_url}/v1", **kwargs)
 
     def http(self, **kwargs: Any) -> httpx.Client:
-        kwargs.setdefault("timeout", 30.0)
+        kwargs.setdefault("timeout", self.HTTP_TIMEOUT)
         return httpx.Client(base_url=self.base_url, **kwargs)
 
     def wait_load_failed(self, timeout: float = 60.0) -> httpx.Response:

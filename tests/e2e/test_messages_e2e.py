@@ -27,7 +27,7 @@ WEATHER = {
 
 def claude(d: Daemon, **kw: Any) -> anthropic.Anthropic:
     kw.setdefault("api_key", "unused")
-    return anthropic.Anthropic(base_url=d.base_url, max_retries=0, timeout=90.0, **kw)
+    return anthropic.Anthropic(base_url=d.base_url, max_retries=0, timeout=300.0, **kw)
 
 
 @pytest.fixture

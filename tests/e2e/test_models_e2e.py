@@ -147,7 +147,7 @@ def test_routing_load_on_demand_idle_unload_and_reload(start_daemon: Callable[..
     assert ask(client, "gpt-5-mini", 4)[0] == "smol"
     # Claude Code's model name, through the Anthropic SDK: a stream to a cold model (the Q4
     # entry, loaded on demand; pings while it loads).
-    claude = anthropic.Anthropic(base_url=d.base_url, api_key="unused", max_retries=0, timeout=120)
+    claude = anthropic.Anthropic(base_url=d.base_url, api_key="unused", max_retries=0, timeout=300)
     with claude.messages.stream(
         model="claude-sonnet-4-5", max_tokens=12, messages=PARIS, extra_body={"temperature": 0}
     ) as stream:
