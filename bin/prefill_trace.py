@@ -8,9 +8,10 @@ with timers wrapped around the functions a request passes through), sends the sa
 ``bench`` prefill request (a ~``--tokens``-token document, ``max_tokens = 1``, streamed) a
 few times after warming up at the same length, and prints for each where the time between
 the client's send and its first text went. Every timestamp is ``time.perf_counter()``
-(CLOCK_MONOTONIC on Linux, so the client's and the daemon's line up). Then the same prompt
-ids through in-process ``mlx_lm.stream_generate`` with the same chunk size, warm, in this
-process, as the bench's in-process reference does.
+(CLOCK_MONOTONIC on Linux, so the client's and the daemon's line up). After each server
+request, the same prompt ids go through in-process ``mlx_lm.stream_generate`` with the same
+chunk size, warm, in this process (so load hits both alike); ``--no-server`` runs only that
+reference (e.g. under ``MLX_CUDA_USE_CUDNN_SDPA=1``, MLX's default, which mlxd turns off).
 
 Parts (milliseconds, per request):
 
@@ -21,8 +22,8 @@ Parts (milliseconds, per request):
 * ``prefill``: the prompt's chunks (``SoloSequence.prefill_chunk``, each evaluated);
 * ``first_token``: the forward of the last prompt token and the first ``.item()``;
 * ``store``: keeping the finished sequence's KV cache (RAM copy, disk tier hand-off);
-* ``to_client``: from the engine's flush of the events to the client's first text (event
-  loop hop, SSE frame, HTTP).
+* ``to_client``: from the engine's hand-off of the text event to the client's first text
+  (event loop hop, SSE frame, HTTP).
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def serve(trace: Path, argv: list[str]) -> int:
         lambda s: {"n": min(s.prefill_step_size, len(s.remaining) - 1)},
     )
     _timed(solo.SoloSequence, "decode", "decode")
-    _timed(core.Engine, "_flush", "flush", lambda e: {"events": len(e._outbox)})
     _timed(core, "_dispatch", "dispatch")
+    if hasattr(core, "_deliver"):
+        _timed(core, "_deliver", "deliver")
+    else:  # before the store moved: the flush delivered
+        _timed(core.Engine, "_flush", "deliver")
     return cli.main(argv)
 
 
@@ -123,8 +127,10 @@ def _parts(send: float, first: float, marks: list[dict[str, Any]]) -> dict[str, 
     chunks = [m for m in mine if m["name"] == "chunk"]
     prefill = [c for c in chunks if c.get("n", 0) > 0]
     last = [c for c in chunks if c.get("n", 0) <= 0]
-    stores = [m for m in mine if m["name"] == "store"]
-    flushes = [m for m in mine if m["name"] == "flush" and m.get("events")]
+    # A store that ends after the client's first text was not on its way (it runs after
+    # the text is delivered since the store was moved); only the ones before count.
+    stores = [m for m in mine if m["name"] == "store" and m["t1"] <= first]
+    delivered = [m for m in mine if m["name"] == "deliver" and m["t1"] <= first]
     gaps = 0.0  # engine time between chunks (the loop: inbox, admit, status)
     for a, b in itertools.pairwise(chunks):
         gaps += b["t0"] - a["t1"]
@@ -143,101 +149,124 @@ def _parts(send: float, first: float, marks: list[dict[str, Any]]) -> dict[str, 
         "first_token": sum((c["t1"] - c["t0"]) * ms for c in last)
         + sum((m["t1"] - m["t0"]) * ms for m in mine if m["name"] == "decode"),
         "store": sum((m["t1"] - m["t0"]) * ms for m in stores),
-        "to_client": (first - flushes[-1]["t1"]) * ms if flushes else float("nan"),
+        "to_client": (first - delivered[-1]["t1"]) * ms if delivered else float("nan"),
         "total": (first - send) * ms,
     }
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def _inprocess(
-    config: Path | None, model: str | None, messages: list[Any], repeats: int
-) -> dict[str, Any]:
-    """Warm ``stream_generate`` TTFT for the same prompt and chunk size, in this process."""
-    from mlxd.backend import apply_cuda_env_defaults, preload_blas
-    from mlxd.config import load_settings
+class _Reference:
+    """In-process ``mlx_lm.stream_generate`` in this process: the model loaded as mlxd loads
+    it, the same prompt ids (mlxd's template), the same chunk size; TTFT of one request."""
 
-    settings = load_settings(config)
-    if model:
-        settings = settings.model_copy(
-            update={"model": settings.model.model_copy(update={"path": model})}
-        )
-    apply_cuda_env_defaults()
-    blas = preload_blas(settings.engine.blas)
-    from mlx_lm import stream_generate
+    def __init__(self, config: Path | None, model: str | None) -> None:
+        from mlxd.backend import apply_cuda_env_defaults, preload_blas
+        from mlxd.config import load_settings
 
-    from mlxd.engine.loader import load
-    from mlxd.prompt import build_prompt
+        settings = load_settings(config)
+        if model:
+            entry = settings.model.model_copy(update={"path": model})
+            settings = settings.model_copy(update={"model": entry})
+        apply_cuda_env_defaults()  # an MLX_CUDA_USE_CUDNN_SDPA already set wins
+        self.blas = preload_blas(settings.engine.blas).library
+        from mlxd.engine.loader import load
 
-    lm = load(settings.model)
-    step = settings.engine.prefill_step_size
-    out: dict[str, Any] = {
-        "blas": blas.library,
-        "prefill_step_size": step,
-        "ttft_ms": [],
-        "render_ms": [],
-    }
-    for i, msg in enumerate(messages):
+        self.lm = load(settings.model)
+        self.step = settings.engine.prefill_step_size
+
+    def ttft(self, messages: list[Any]) -> dict[str, float]:
+        from mlx_lm import stream_generate
+
+        from mlxd.prompt import build_prompt
+
         t0 = time.perf_counter()
-        ids = build_prompt(lm, msg).ids
+        ids = build_prompt(self.lm, messages).ids
         t1 = time.perf_counter()
-        for _ in stream_generate(lm.model, lm.tokenizer, ids, max_tokens=1, prefill_step_size=step):
+        for _ in stream_generate(
+            self.lm.model, self.lm.tokenizer, ids, max_tokens=1, prefill_step_size=self.step
+        ):
             break
         t2 = time.perf_counter()
-        if i >= len(messages) - repeats:
-            out["ttft_ms"].append(round((t2 - t1) * 1000, 2))
-            out["render_ms"].append(round((t1 - t0) * 1000, 2))
-        out["prompt_tokens"] = len(ids)
-    return out
+        return {
+            "render": round((t1 - t0) * 1000, 2),
+            "total": round((t2 - t1) * 1000, 2),
+            "prompt_tokens": len(ids),
+            "tok_s": round(len(ids) / (t2 - t1), 1),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "blas": self.blas,
+            "prefill_step_size": self.step,
+            "MLX_CUDA_USE_CUDNN_SDPA": os.environ.get("MLX_CUDA_USE_CUDNN_SDPA"),
+        }
+
+
+def _median(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], int | float)]
+    return {k: round(statistics.median(r[k] for r in rows), 2) for k in keys}
 
 
 def run(args: argparse.Namespace) -> int:
+    """Server and in-process requests alternate, repeat by repeat, so load hits both alike."""
     from mlxd.bench.client import stream_chat
     from mlxd.bench.harness import Daemon
     from mlxd.bench.workload import prefill_text, tagged
 
-    tmp = Path(tempfile.mkdtemp(prefix="mlxd-trace-"))
-    trace = tmp / "trace.jsonl"
-    config = Path(args.config) if args.config else tmp / "mlxd.toml"
-    if not args.config:
-        config.write_text("")
-    env = {"MLXD_SERVER__HOST": "127.0.0.1"}
-    if args.daemon:
-        env["MLXD_TRACE_DAEMON"] = str(Path(args.daemon).resolve())
-    if args.model:
-        env["MLXD_MODEL__PATH"] = args.model
-    cmd = [sys.executable, str(Path(__file__).resolve()), "serve", str(trace), "--"]
-    daemon = Daemon.start(
-        config, state_dir=tmp / "state", log=tmp / "mlxd.log", env=env, command=cmd, cwd=ROOT
-    )
     doc = prefill_text(args.tokens)
     warm = [[{"role": "user", "content": tagged(f"warm {i}", doc)}] for i in range(args.warm)]
     reqs = [[{"role": "user", "content": tagged(f"prefill {r}", doc)}] for r in range(args.repeats)]
-    rows = []
-    try:
-        daemon.wait_ready(args.timeout)
-        for msg in [[{"role": "user", "content": "[warmup] Say hello."}], *warm]:
-            stream_chat(daemon, msg, 1, args.timeout)
-        for msg in reqs:
-            time.sleep(0.5)  # let the disk tier's writer finish the previous entry
-            r = stream_chat(daemon, msg, 1, args.timeout)
-            time.sleep(0.2)
-            marks = [json.loads(line) for line in trace.read_text().splitlines()]
-            row = _parts(r.started_at, r.started_at + r.ttft, marks)
-            row["prompt_tokens"] = r.prompt_tokens
-            row["tok_s"] = round(r.prompt_tokens / r.ttft, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        daemon.stop(timeout=30)
-    out: dict[str, Any] = {"server": rows}
-    keys = [k for k in rows[0] if isinstance(rows[0][k], int | float)]
-    out["server_median"] = {k: round(statistics.median(r[k] for r in rows), 2) for k in keys}
-    if not args.no_inprocess:
-        ref = _inprocess(
-            Path(args.config) if args.config else None, args.model, warm + reqs, args.repeats
+    config_arg = Path(args.config) if args.config else None
+    ref = None if args.no_inprocess else _Reference(config_arg, args.model)
+    out: dict[str, Any] = {"load_before": os.getloadavg()}
+    refs: list[dict[str, Any]] = []
+    if args.no_server:
+        assert ref is not None
+        for msg in warm:
+            ref.ttft(msg)
+        refs = [ref.ttft(msg) for msg in reqs]
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="mlxd-trace-"))
+        trace = tmp / "trace.jsonl"
+        config = config_arg or tmp / "mlxd.toml"
+        if config_arg is None:
+            config.write_text("")
+        env = {"MLXD_SERVER__HOST": "127.0.0.1"}
+        if args.daemon:
+            env["MLXD_TRACE_DAEMON"] = str(Path(args.daemon).resolve())
+        if args.model:
+            env["MLXD_MODEL__PATH"] = args.model
+        cmd = [sys.executable, str(Path(__file__).resolve()), "serve", str(trace), "--"]
+        daemon = Daemon.start(
+            config, state_dir=tmp / "state", log=tmp / "mlxd.log", env=env, command=cmd, cwd=ROOT
         )
-        ref["tok_s"] = [round(ref["prompt_tokens"] / (t / 1000), 1) for t in ref["ttft_ms"]]
-        out["inprocess"] = ref
+        rows = []
+        try:
+            daemon.wait_ready(args.timeout)
+            for msg in [[{"role": "user", "content": "[warmup] Say hello."}], *warm]:
+                stream_chat(daemon, msg, 1, args.timeout)
+                if ref is not None:
+                    ref.ttft(msg)
+            for msg in reqs:
+                time.sleep(0.5)  # let the disk tier's writer finish the previous entry
+                r = stream_chat(daemon, msg, 1, args.timeout)
+                time.sleep(0.2)
+                marks = [json.loads(line) for line in trace.read_text().splitlines()]
+                row = _parts(r.started_at, r.started_at + r.ttft, marks)
+                row["prompt_tokens"] = r.prompt_tokens
+                row["tok_s"] = round(r.prompt_tokens / r.ttft, 1)
+                rows.append(row)
+                print("server", json.dumps(row), flush=True)
+                if ref is not None:
+                    refs.append(ref.ttft(msg))
+                    print("inprocess", json.dumps(refs[-1]), flush=True)
+        finally:
+            daemon.stop(timeout=30)
+        out["server"] = rows
+        out["server_median"] = _median(rows)
+    if ref is not None:
+        out["inprocess"] = {**ref.info(), "runs": refs, "median": _median(refs)}
+    out["load_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -256,6 +285,7 @@ def main() -> int:
     p.add_argument("--warm", type=int, default=1, help="warm-up requests at the same length")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--no-inprocess", action="store_true")
+    p.add_argument("--no-server", action="store_true", help="only the in-process reference")
     p.add_argument("--daemon", help="trace the mlxd package of this daemon/ folder instead")
     p.add_argument("--out")
     return run(p.parse_args())
