@@ -203,7 +203,7 @@ class _Reference:
 
 
 def _median(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [k for k in rows[0] if isinstance(rows[0][k], int | float)]
+    keys = [k for k in rows[0] if type(rows[0][k]) in (int, float)]
     return {k: round(statistics.median(r[k] for r in rows), 2) for k in keys}
 
 
@@ -247,18 +247,24 @@ def run(args: argparse.Namespace) -> int:
                 stream_chat(daemon, msg, 1, args.timeout)
                 if ref is not None:
                     ref.ttft(msg)
-            for msg in reqs:
-                time.sleep(0.5)  # let the disk tier's writer finish the previous entry
+            for i, msg in enumerate(reqs):
+                # After a pause (the disk tier's writer finishes the previous entry), the
+                # first of the two meets an idle GPU: odd repeats run the reference first.
+                time.sleep(0.5)
+                if ref is not None and i % 2:
+                    refs.append({**ref.ttft(msg), "first": True})
+                    print("inprocess", json.dumps(refs[-1]), flush=True)
                 r = stream_chat(daemon, msg, 1, args.timeout)
                 time.sleep(0.2)
                 marks = [json.loads(line) for line in trace.read_text().splitlines()]
                 row = _parts(r.started_at, r.started_at + r.ttft, marks)
                 row["prompt_tokens"] = r.prompt_tokens
                 row["tok_s"] = round(r.prompt_tokens / r.ttft, 1)
+                row["first"] = ref is None or i % 2 == 0
                 rows.append(row)
                 print("server", json.dumps(row), flush=True)
-                if ref is not None:
-                    refs.append(ref.ttft(msg))
+                if ref is not None and i % 2 == 0:
+                    refs.append({**ref.ttft(msg), "first": False})
                     print("inprocess", json.dumps(refs[-1]), flush=True)
         finally:
             daemon.stop(timeout=30)
