@@ -215,7 +215,15 @@ def run(args: argparse.Namespace) -> int:
 
     doc = prefill_text(args.tokens)
     warm = [[{"role": "user", "content": tagged(f"warm {i}", doc)}] for i in range(args.warm)]
-    reqs = [[{"role": "user", "content": tagged(f"prefill {r}", doc)}] for r in range(args.repeats)]
+    reqs = [
+        [
+            {
+                "role": "user",
+                "content": tagged(f"prefill {r}", prefill_text(args.tokens + r * args.vary)),
+            }
+        ]
+        for r in range(args.repeats)
+    ]
     config_arg = Path(args.config) if args.config else None
     ref = None if args.no_inprocess else _Reference(config_arg, args.model)
     out: dict[str, Any] = {"load_before": os.getloadavg()}
@@ -290,6 +298,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warm", type=int, default=1, help="warm-up requests at the same length")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument(
+        "--vary", type=int, default=0, help="request r asks for --tokens + r * VARY tokens"
+    )
     p.add_argument("--no-inprocess", action="store_true")
     p.add_argument("--no-server", action="store_true", help="only the in-process reference")
     p.add_argument("--daemon", help="trace the mlxd package of this daemon/ folder instead")
