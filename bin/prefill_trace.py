@@ -267,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 marks = [json.loads(line) for line in trace.read_text().splitlines()]
                 row = _parts(r.started_at, r.started_at + r.ttft, marks)
                 row["prompt_tokens"] = r.prompt_tokens
+                row["cached_tokens"] = r.cached_tokens or 0
                 row["tok_s"] = round(r.prompt_tokens / r.ttft, 1)
                 row["first"] = ref is None or i % 2 == 0
                 rows.append(row)
