@@ -329,7 +329,6 @@ class Engine:
                     retry_after=2,
                 )
             self._waiting += 1
-        self.disk_cache.idle.clear()  # the disk tier's writer waits until the engine is idle
         handle = JobHandle(next(self._ids), request, asyncio.get_running_loop(), self._cancel)
         if self.group is not None:
             with self._waiting_lock:
@@ -459,8 +458,6 @@ class Engine:
             busy = bool(self._tasks) or any(
                 s.running() or (s.pending and s.state == "loaded") for s in self._slots.values()
             )
-            if not busy and not self._waiting:
-                self.disk_cache.idle.set()
             if not self._drain_inbox(block=not busy and not self._wanted):
                 break
             slot: Slot | None = None
@@ -832,7 +829,6 @@ class Engine:
                 with self._waiting_lock:
                     self._waiting -= 1
                 slot.touch()
-                self.disk_cache.idle.clear()
                 runner.add(job)
 
     def _renew_runner(self, slot: Slot, error: MlxdError) -> None:

@@ -357,12 +357,6 @@ class DiskCache:
         self._models: dict[str, _ModelIndex] = {}
         self.writes = 0
         self.write_failures = 0
-        #: Set while the engine runs no sequence: the writer touches the arrays' memory only
-        #: then. On CUDA they live in managed memory, and the writer's host reads of the last
-        #: entry (136 MB for a 4k-token prompt of a 1B model) slowed the next prompt's prefill
-        #: from ~68 to 96-162 ms (docs/engine.md). Set by default: without an engine, write.
-        self.idle = threading.Event()
-        self.idle.set()
         self.configure(root, budget_bytes)
 
     # -- configuration ------------------------------------------------------------------
@@ -509,7 +503,6 @@ class DiskCache:
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued writes within ``timeout`` and end the writer thread."""
-        self.idle.set()
         self.flush(timeout)
         self._jobs.put(None)
         if self._thread is not None:
@@ -535,7 +528,6 @@ class DiskCache:
             index = self._models.get(job.key)
         if root is None or index is None:
             return
-        self.idle.wait()
         header, buffers, size = encode(job.tokens, job.layers, index.identity, job.checksum)
         folder = root / job.key
         final = folder / f"{job.name}{SUFFIX}"
@@ -554,7 +546,6 @@ class DiskCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 for buf in buffers:
-                    self.idle.wait()  # a request came in: go on once the engine is idle
                     f.write(buf)
                 f.flush()
                 os.fsync(f.fileno())
