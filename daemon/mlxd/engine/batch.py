@@ -115,6 +115,9 @@ class BatchRunner:
         self.active: dict[int, Job] = {}  # by job id
         self._by_uid: dict[int, Job] = {}  # the ones inside the BatchGenerator
         self._solo: tuple[Job, SoloSequence] | None = None
+        #: KV caches of sequences that ended this step, stored by :meth:`store_kept` once
+        #: their events are out (the copy is not on the way to the client's last text).
+        self._kept: list[tuple[list[int], list[Any]]] = []
 
     def __len__(self) -> int:
         return len(self.active)
@@ -131,11 +134,25 @@ class BatchRunner:
     def close(self) -> None:
         self._gen.close()
 
+    @property
+    def has_kept(self) -> bool:
+        return bool(self._kept)
+
+    def store_kept(self) -> None:
+        """Put the caches of the sequences that ended into the prompt cache (RAM copy, disk
+        tier hand-off). The engine calls it after delivering the step's text; :meth:`add`
+        and :meth:`step` call it first, so a lookup always sees every earlier sequence (on
+        every rank of a group alike)."""
+        kept, self._kept = self._kept, []
+        for tokens, cache in kept:
+            self.prompt_cache.store(tokens, cache)
+
     # -- admission ------------------------------------------------------------------------
     def add(self, job: Job, now: float | None = None) -> None:
         """Start ``job``; a job whose settings cannot run (a bad seed) fails alone."""
         from mlx_lm.models.cache import make_prompt_cache
 
+        self.store_kept()
         try:
             job.sampler, job.processors = self._sampling(job)
         except MlxdError as exc:
@@ -265,11 +282,11 @@ class BatchRunner:
             solo = self._solo[1]
             self._solo = None
             if keep_cache:
-                self.prompt_cache.store(solo.tokens, solo.cache)
+                self._kept.append((solo.tokens, solo.cache))
         elif self._by_uid.pop(job.uid, None) is not None:
             kept = self._gen.remove([job.uid], return_prompt_caches=keep_cache)
             if job.uid in kept:
-                self.prompt_cache.store(kept[job.uid][1], kept[job.uid][0])
+                self._kept.append((kept[job.uid][1], kept[job.uid][0]))
 
     def step(self, now: float | None = None, failed: list[int] | None = None) -> None:
         """One step: on the fast path a prefill chunk or a token; in the batch one decode step
@@ -278,6 +295,7 @@ class BatchRunner:
         In a group the followers get rank 0's clock (``now``) and the jobs whose sampler or
         grammar failed there (``failed``: rank 0 alone runs them), and apply both at the
         start of the step, as rank 0 does."""
+        self.store_kept()
         now = time.monotonic() if now is None else now
         if self.group is not None:
             if self.lead:
@@ -325,7 +343,7 @@ class BatchRunner:
             if r.finish_reason is not None:
                 self._by_uid.pop(r.uid, None)  # the generator has let it go
                 if r.prompt_cache is not None:
-                    self.prompt_cache.store(r.all_tokens, r.prompt_cache)
+                    self._kept.append((r.all_tokens, r.prompt_cache))
             if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
                 self._finish(job, "stop")
                 continue

@@ -350,7 +350,23 @@ class Engine:
         """Deliver the step's events: one hop onto each event loop for all of them (not one
         per event: with 32 streams that is 32 self-pipe writes and wake-ups per token),
         after publishing the status if a job ended, so a client that got its Finished reads
-        a status that already counts it as done."""
+        a status that already counts it as done.
+
+        The caches of sequences that ended are stored between the two: the text goes out
+        first (a 4k-token prompt's cache is a copy of tens to hundreds of MB, measured in
+        docs/engine.md), the ends after, so the status a Finished reader sees counts them."""
+        runners = [s.runner for s in self._slots.values() if s.runner is not None]
+        kept = [runner for runner in runners if runner.has_kept]
+        if kept:
+            text = [item for item in self._outbox if isinstance(item[1], Delta)]
+            if text:
+                self._outbox = [item for item in self._outbox if not isinstance(item[1], Delta)]
+                _deliver(text)
+            for runner in kept:
+                try:
+                    runner.store_kept()
+                except Exception as exc:  # a cache not kept must not end the thread
+                    log.exception("prompt_cache.store_failed", error=str(exc))
         if self._ended:
             self._ended = False
             self._forget_done()
@@ -358,13 +374,7 @@ class Engine:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobHandle, Event]]] = {}
-        for handle, event in batch:
-            by_loop.setdefault(handle.loop, []).append((handle, event))
-        for loop, events in by_loop.items():
-            # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_dispatch, events)
+        _deliver(batch)
 
     def _cancel(self, job_id: int) -> None:
         self._inbox.put(("cancel", job_id))
@@ -980,6 +990,17 @@ class Engine:
                 task.future.set_exception(error)
         self._state = "stopped"
         self._publish()
+
+
+def _deliver(batch: list[tuple[JobHandle, Event]]) -> None:
+    """One hop onto each event loop for all of ``batch``'s events, in order."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobHandle, Event]]] = {}
+    for handle, event in batch:
+        by_loop.setdefault(handle.loop, []).append((handle, event))
+    for loop, events in by_loop.items():
+        # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_dispatch, events)
 
 
 def _dispatch(events: list[tuple[JobHandle, Event]]) -> None:

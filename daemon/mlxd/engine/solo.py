@@ -65,11 +65,18 @@ class SoloSequence:
         return self.pending is None
 
     def prefill_chunk(self) -> None:
-        """Feed the next ``prefill_step_size`` prompt tokens; the last prompt token is
-        fed by the forward that samples the first new token."""
+        """Feed the prompt tokens up to the next multiple of ``prefill_step_size`` positions
+        (a full chunk when the cache starts empty); the last prompt token is fed by the
+        forward that samples the first new token.
+
+        Chunks end at fixed positions whatever prefix the prompt cache supplied: on a GPU a
+        chunk of a new shape (length and cache offset) costs setup time on first use
+        (measured on the H200 with MLX's CUDA backend, docs/engine.md), and a reused prefix
+        of any length would otherwise move every chunk of the prompt to new offsets."""
         import mlx.core as mx
 
-        n = min(self.prefill_step_size, len(self.remaining) - 1)
+        step = self.prefill_step_size
+        n = min(step - len(self.tokens) % step, len(self.remaining) - 1)
         if n > 0:
             chunk, self.remaining = self.remaining[:n], self.remaining[n:]
             self.model(mx.array(chunk)[None], cache=self.cache)
