@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -230,6 +231,21 @@ def test_group_keeps_the_rest_of_the_daemon(pipeline: Daemon) -> None:
         max_output_tokens=8,
     )
     assert client.responses.retrieve(second.id).previous_response_id == first.id
+    # Structured output: rank 0 runs the grammar, the followers follow its tokens.
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    shaped = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Where is the Eiffel Tower? Answer in JSON."}],
+        temperature=0,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    assert set(json.loads(shaped.choices[0].message.content or "")) == {"city"}
     with pipeline.http(timeout=30.0) as http:
         metrics = http.get("/metrics").text
         assert "mlxd_distributed_ranks 2.0" in metrics
