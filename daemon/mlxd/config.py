@@ -136,6 +136,13 @@ class ServerSettings(_Section):
         except ValueError:
             return False
 
+    def local_url(self) -> str:
+        """Where a process on this machine reaches the daemon (a wildcard bind: loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
 
 class SecuritySettings(_Section):
     """[security]: who may call the API."""

@@ -20,13 +20,13 @@ group unchanged.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,17 +159,13 @@ def supervise(
 
 def _answers(settings: Settings) -> bool:
     """Rank 0's ``/health`` says ok (liveness: no key needed)."""
-    host = settings.server.host
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    conn = http.client.HTTPConnection(host, settings.server.port, timeout=1.0)
+    # No proxies: http_proxy in the environment must not capture a loopback request.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
+        with opener.open(f"{settings.server.local_url()}/health", timeout=1.0) as resp:
+            return int(resp.status) == 200
+    except OSError:  # URLError and HTTPError (a 503 while loading) are OSErrors
         return False
-    finally:
-        conn.close()
 
 
 def end_group(group: subprocess.Popen[bytes]) -> None:

@@ -16,12 +16,7 @@ def run(settings: Settings, *, as_json: bool = False) -> int:
     """Print the table; exit 1 when the daemon cannot be reached."""
     import httpx
 
-    host = settings.server.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    url = f"http://{host}:{settings.server.port}/health"
+    url = f"{settings.server.local_url()}/health"
     keys = settings.api_keys()  # /health shows details to authenticated callers only
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     try:
