@@ -14,14 +14,22 @@ from .config import Settings
 
 def run(settings: Settings, *, as_json: bool = False) -> int:
     """Print the table; exit 1 when the daemon cannot be reached."""
-    import httpx
+    import urllib.error
+    import urllib.request
 
     url = f"{settings.server.local_url()}/health"
     keys = settings.api_keys()  # /health shows details to authenticated callers only
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    # No proxies: http_proxy in the environment must not capture a loopback request.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        body = httpx.get(url, headers=headers, timeout=5.0).json()
-    except (httpx.HTTPError, ValueError) as exc:
+        try:
+            with opener.open(urllib.request.Request(url, headers=headers), timeout=5.0) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as exc:  # 503 while loading: the body still tells
+            raw = exc.read()
+        body = json.loads(raw)
+    except (OSError, ValueError) as exc:
         print(f"mlxd: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
         return 1
     models: list[dict[str, Any]] = body.get("models") or []
