@@ -24,10 +24,16 @@ class FakeJob:
     def __init__(self, events: list[Event], delay: float = 0.0) -> None:
         self.events = list(events)
         self.delay = delay
+        self.left = delay  # of the wait for the next event
         self.cancelled = False
 
     async def next_event(self, timeout: float | None) -> Event | None:
-        await asyncio.sleep(self.delay)
+        if timeout is not None and self.left > timeout:  # like JobHandle: None on timeout
+            await asyncio.sleep(timeout)
+            self.left -= timeout
+            return None
+        await asyncio.sleep(self.left)
+        self.left = self.delay
         return self.events.pop(0)
 
     def cancel(self) -> None:
@@ -83,13 +89,36 @@ def test_one_failing_choice_fails_the_response_and_cancels_the_rest() -> None:
     assert slow.cancelled and slow.events  # stopped before its end
 
 
-def test_silence_yields_keepalive_markers() -> None:
-    """While no choice has anything new for ``interval`` seconds, the items are None."""
+@pytest.mark.parametrize("choices", [1, 2])
+def test_silence_yields_keepalive_markers(choices: int) -> None:
+    """While no choice has anything new for ``interval`` seconds, the items are None (one
+    choice reads its job directly, several through one queue)."""
 
     async def run() -> list[Any]:
-        group = _group([FakeJob([Delta("late"), _finished(1, 1)], delay=0.2)], 1)
-        return [item async for item in group.items(0.02)]
+        jobs = [FakeJob([Delta("late"), _finished(1, 1)], delay=0.2) for _ in range(choices)]
+        return [item async for item in _group(jobs, choices).items(0.02)]
 
     items = asyncio.run(run())
     assert items[0] is None
+    assert [type(c.item) for c in items if isinstance(c, Choice)].count(Done) == choices
     assert isinstance(items[-1], Done)
+    assert items[-1].finished.completion_tokens == choices
+
+
+def test_one_choice_reads_its_job_without_a_queue() -> None:
+    """A single generation's pieces and end come through in order, then the total (the
+    same shape as with several choices), and the job is cancelled when the reader leaves."""
+    job = FakeJob([Delta("a"), Delta("b"), _finished(4, 2, "length")])
+
+    async def run() -> list[Any]:
+        return [item async for item in _group([job], 1).items(None)]
+
+    items = asyncio.run(run())
+    assert [c.item.text for c in items if isinstance(c, Choice) and isinstance(c.item, Text)] == [
+        "a",
+        "b",
+    ]
+    assert isinstance(items[-2], Choice) and isinstance(items[-2].item, Done)
+    assert isinstance(items[-1], Done) and items[-1].finish_reason == "length"
+    assert items[-1].finished.prompt_tokens == 4
+    assert job.cancelled

@@ -160,6 +160,16 @@ class Group(Source[Choice]):
     n: int = 1
 
     async def items(self, interval: float | None) -> AsyncIterator[Choice | Done | None]:
+        if len(self.gens) == 1:  # the usual request: no pump task and queue hop per token
+            async for one in pieces(self.gens[0], interval):
+                if one is None:
+                    yield None
+                    continue
+                yield Choice(0, one)
+                if isinstance(one, Done):
+                    yield self._total([one])
+                    return
+            return
         queue: asyncio.Queue[tuple[int, Piece | Done | BaseException]] = asyncio.Queue()
 
         async def pump(i: int, gen: Generation) -> None:

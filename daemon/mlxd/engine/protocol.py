@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -133,8 +134,11 @@ class JobHandle:
         self.request = request
         self._loop = loop
         self._send_cancel = send_cancel
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._get: asyncio.Future[Event] | None = None
+        # Events not read yet, and the future a reader waiting for the next one sleeps on.
+        # (Not an ``asyncio.Queue`` read through ``asyncio.wait``: that made a task, a
+        # waiter set and callbacks per token, the largest per-token cost on the event loop.)
+        self._events: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._over = False  # a Finished/Failed was read: nothing left to cancel
 
     @property
@@ -153,30 +157,46 @@ class JobHandle:
         """From any thread: queue ``event`` on the handle's event loop."""
         # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self.deliver_now, event)
 
     def deliver_now(self, event: Event) -> None:
-        """On the handle's event loop: queue ``event``."""
-        self._events.put_nowait(event)
+        """On the handle's event loop: queue ``event`` and wake its reader."""
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def cancel(self) -> None:
-        """The client went away (or the request is over): tell the engine to drop the job."""
-        if self._get is not None and not self._get.done():
-            self._get.cancel()
+        """The client went away (or the request is over): tell the engine to drop the job
+        (a reader waiting for an event gets ``CancelledError``)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
         if not self._over:
             self._over = True
             self._send_cancel(self.id)
 
     async def next_event(self, timeout: float | None) -> Event | None:
-        """The next event, or None after ``timeout`` seconds (the pending read is kept, so no
-        event is lost to a timeout)."""
-        if self._get is None:
-            self._get = asyncio.ensure_future(self._events.get())
-        done, _ = await asyncio.wait({self._get}, timeout=timeout)
-        if not done:
-            return None
-        event = self._get.result()
-        self._get = None
+        """The next event, or None after ``timeout`` seconds with none (an event that arrives
+        later stays queued for the next call: none is lost to a timeout or a cancel)."""
+        if not self._events:
+            waiter = self._waiter = self._loop.create_future()
+            timer = None
+            if timeout is not None:
+                timer = self._loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if not self._events:
+                return None
+        event = self._events.popleft()
         if isinstance(event, Finished | Failed):
             self._over = True
         return event
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
