@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mlxd.api.context import RequestRecord
-from mlxd.api.pipeline import FLUSH, Choice, Done, Generation, Group, collect, stream
+from mlxd.api.pipeline import Choice, Done, Generation, Group, collect
 from mlxd.api.tools import OutputPlan, Text
 from mlxd.engine.protocol import Delta, Event, Failed, Finished
 from mlxd.errors import GenerationFailed
@@ -26,9 +26,6 @@ class FakeJob:
         self.delay = delay
         self.left = delay  # of the wait for the next event
         self.cancelled = False
-
-    def has_events(self) -> bool:
-        return self.delay == 0 and bool(self.events)
 
     async def next_event(self, timeout: float | None) -> Event | None:
         if timeout is not None and self.left > timeout:  # like JobHandle: None on timeout
@@ -101,7 +98,7 @@ def test_silence_yields_keepalive_markers(choices: int) -> None:
         jobs = [FakeJob([Delta("late"), _finished(1, 1)], delay=0.2) for _ in range(choices)]
         return [item async for item in _group(jobs, choices).items(0.02)]
 
-    items = [item for item in asyncio.run(run()) if item is not FLUSH]
+    items = asyncio.run(run())
     assert items[0] is None
     assert [type(c.item) for c in items if isinstance(c, Choice)].count(Done) == choices
     assert isinstance(items[-1], Done)
@@ -116,7 +113,7 @@ def test_one_choice_reads_its_job_without_a_queue() -> None:
     async def run() -> list[Any]:
         return [item async for item in _group([job], 1).items(None)]
 
-    items = [item for item in asyncio.run(run()) if item is not FLUSH]
+    items = asyncio.run(run())
     assert [c.item.text for c in items if isinstance(c, Choice) and isinstance(c.item, Text)] == [
         "a",
         "b",
@@ -125,64 +122,3 @@ def test_one_choice_reads_its_job_without_a_queue() -> None:
     assert isinstance(items[-1], Done) and items[-1].finish_reason == "length"
     assert items[-1].finished.prompt_tokens == 4
     assert job.cancelled
-
-
-class _Frames:
-    """A renderer whose frames are the text itself (the stream loop's part under test)."""
-
-    def opening(self) -> list[bytes]:
-        return []
-
-    def keepalive(self) -> bytes:
-        return b":"
-
-    def piece(self, piece: Any) -> list[bytes]:
-        return [piece.text.encode()]
-
-    async def done(self, done: Done) -> list[bytes]:
-        return [b"|end"]
-
-    def failed(self, error: Any) -> list[bytes]:
-        return [b"|failed"]
-
-    def close(self) -> None:
-        pass
-
-
-def test_queued_events_go_out_in_one_write_and_no_frame_waits() -> None:
-    """Events already queued when the stream reads them become one write (the event loop
-    fell behind); a frame is never held while the stream waits for the engine."""
-    from mlxd.engine.protocol import GenerationRequest, JobHandle
-
-    async def run() -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        handle = JobHandle(1, GenerationRequest.__new__(GenerationRequest), loop, lambda _: None)
-        rec = RequestRecord("req_1", "POST", "/v1/x", 0.0)
-        body = stream(Generation(handle, _plan(), rec, "m"), _Frames(), 30)  # type: ignore[arg-type]
-        for text in "abc":
-            handle.deliver_now(Delta(text))
-        writes = [await body.__anext__()]
-        handle.deliver_now(Delta("d"))
-        writes.append(await asyncio.wait_for(body.__anext__(), 5))  # not held for "e"
-        handle.deliver_now(Delta("e"))
-        handle.deliver_now(_finished(1, 5))
-        writes += [w async for w in body]
-        return writes
-
-    assert asyncio.run(run()) == [b"abc", b"d", b"e|end"]
-
-
-def test_a_failure_sends_the_held_frames_first() -> None:
-    from mlxd.engine.protocol import GenerationRequest, JobHandle
-
-    async def run() -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        handle = JobHandle(1, GenerationRequest.__new__(GenerationRequest), loop, lambda _: None)
-        rec = RequestRecord("req_1", "POST", "/v1/x", 0.0)
-        body = stream(Generation(handle, _plan(), rec, "m"), _Frames(), 30)  # type: ignore[arg-type]
-        handle.deliver_now(Delta("a"))
-        handle.deliver_now(Delta("b"))
-        handle.deliver_now(Failed(GenerationFailed("boom")))
-        return [w async for w in body]
-
-    assert asyncio.run(run()) == [b"ab|failed"]

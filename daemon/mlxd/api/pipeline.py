@@ -103,27 +103,14 @@ class Done:
         return self.finished.finish_reason
 
 
-class Flush:
-    """An item meaning "nothing more is queued now": a stream sends the frames it holds.
-
-    While a job's events are already queued (the event loop fell behind the engine, e.g. with
-    many streams), the stream renders them into one write instead of one write per token;
-    :func:`pieces` yields this just before it would wait, so no frame is ever held back
-    while nothing else is ready."""
-
-
-FLUSH = Flush()
-
-
 class Source(Protocol[T_co]):
     """What :func:`collect` and :func:`stream` drive: a :class:`Generation` (its pieces) or
     a :class:`Group` (:class:`Choice` items)."""
 
     record: RequestRecord
 
-    def items(self, interval: float | None) -> AsyncIterator[T_co | Done | Flush | None]:
-        """The output, then one :class:`Done`; ``None`` for each silent ``interval``;
-        :data:`FLUSH` whenever it is about to wait for the engine."""
+    def items(self, interval: float | None) -> AsyncIterator[T_co | Done | None]:
+        """The output, then one :class:`Done`; ``None`` for each silent ``interval``."""
 
     def cancel(self) -> None:
         """Stop every job (idempotent)."""
@@ -143,7 +130,7 @@ class Generation(Source[Piece]):
     def max_tokens(self) -> int:
         return self.job.params.max_tokens
 
-    def items(self, interval: float | None) -> AsyncIterator[Piece | Done | Flush | None]:
+    def items(self, interval: float | None) -> AsyncIterator[Piece | Done | None]:
         return pieces(self, interval)
 
     def cancel(self) -> None:
@@ -172,13 +159,12 @@ class Group(Source[Choice]):
     model_id: str
     n: int = 1
 
-    async def items(self, interval: float | None) -> AsyncIterator[Choice | Done | Flush | None]:
+    async def items(self, interval: float | None) -> AsyncIterator[Choice | Done | None]:
         if len(self.gens) == 1:  # the usual request: no pump task and queue hop per token
             async for one in pieces(self.gens[0], interval):
-                if one is None or one is FLUSH:
-                    yield one
+                if one is None:
+                    yield None
                     continue
-                assert not isinstance(one, Flush)
                 yield Choice(0, one)
                 if isinstance(one, Done):
                     yield self._total([one])
@@ -189,7 +175,7 @@ class Group(Source[Choice]):
         async def pump(i: int, gen: Generation) -> None:
             try:
                 async for item in pieces(gen, None):
-                    if item is not None and not isinstance(item, Flush):
+                    if item is not None:
                         queue.put_nowait((i, item))
             except Exception as exc:  # handed to the reader, which raises it
                 queue.put_nowait((i, exc))
@@ -198,8 +184,6 @@ class Group(Source[Choice]):
         ends: list[Done | None] = [None] * len(self.gens)
         try:
             while any(end is None for end in ends):
-                if queue.empty():
-                    yield FLUSH
                 try:
                     i, item = await asyncio.wait_for(queue.get(), interval)
                 except TimeoutError:
@@ -439,9 +423,7 @@ async def wait_first(source: Generation | Group, timeout: float) -> None:
             raise first.error
 
 
-async def pieces(
-    gen: Generation, interval: float | None
-) -> AsyncIterator[Piece | Done | Flush | None]:
+async def pieces(gen: Generation, interval: float | None) -> AsyncIterator[Piece | Done | None]:
     """The generation's output as typed pieces, then one :class:`Done`; ``None`` whenever
     ``interval`` seconds pass with nothing new (the caller sends a keep-alive). A failure
     raises its error. Leaving early cancels the job."""
@@ -451,8 +433,6 @@ async def pieces(
     pending, gen.first = gen.first, None
     try:
         while True:
-            if pending is None and not job.has_events():
-                yield FLUSH
             event = pending if pending is not None else await job.next_event(interval)
             pending = None
             if event is None:
@@ -487,7 +467,7 @@ async def collect(source: Source[T], take: Callable[[T], object]) -> Done:
             if isinstance(item, Done):
                 _count(source.record, item)
                 return item
-            if item is not None and not isinstance(item, Flush):
+            if item is not None:
                 take(item)
     finally:
         source.cancel()
@@ -536,7 +516,6 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     rec = source.record
     status = 200
-    held: list[bytes] = []  # frames of events that were queued together: one write
     try:
         for frame in renderer.opening():
             yield frame
@@ -544,18 +523,14 @@ async def _stream(
             async for item in source.items(interval):
                 if item is None:
                     yield renderer.keepalive()
-                elif isinstance(item, Flush):
-                    if held:
-                        frames, held = b"".join(held), []
-                        yield frames
                 elif isinstance(item, Done):
                     _count(rec, item)
-                    held += await renderer.done(item)
-                    frames, held = b"".join(held), []
-                    yield frames
+                    for frame in await renderer.done(item):
+                        yield frame
                     return
                 else:
-                    held += renderer.piece(item)
+                    for frame in renderer.piece(item):
+                        yield frame
             raise AssertionError("the engine ended a job without Finished or Failed")
         except MlxdError as exc:
             error = exc
@@ -566,8 +541,8 @@ async def _stream(
             error = MlxdError(f"internal error: {type(exc).__name__}", code="internal_error")
         status = error.status
         rec.error = error.code or error.type
-        frames, held = b"".join([*held, *renderer.failed(error)]), []
-        yield frames
+        for frame in renderer.failed(error):
+            yield frame
     except asyncio.CancelledError:
         status = 499  # the client closed the connection (nginx's convention)
         rec.error = "client_disconnected"

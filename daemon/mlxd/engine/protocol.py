@@ -175,10 +175,6 @@ class JobHandle:
             self._over = True
             self._send_cancel(self.id)
 
-    def has_events(self) -> bool:
-        """True when an event is queued (:meth:`next_event` returns without waiting)."""
-        return bool(self._events)
-
     async def next_event(self, timeout: float | None) -> Event | None:
         """The next event, or None after ``timeout`` seconds with none (an event that arrives
         later stays queued for the next call: none is lost to a timeout or a cancel)."""
