@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,6 +143,12 @@ class ServerSettings(_Section):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+
+def loopback_opener() -> urllib.request.OpenerDirector:
+    """A urllib opener for requests to this machine's daemon (``ServerSettings.local_url``):
+    no proxies, so an ``http_proxy`` in the environment cannot capture a loopback request."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class SecuritySettings(_Section):

@@ -26,11 +26,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, loopback_opener
 from .sdnotify import sd_notify
 
 #: Restart back-off (seconds): first, and most.
@@ -159,10 +158,8 @@ def supervise(
 
 def _answers(settings: Settings) -> bool:
     """Rank 0's ``/health`` says ok (liveness: no key needed)."""
-    # No proxies: http_proxy in the environment must not capture a loopback request.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"{settings.server.local_url()}/health", timeout=1.0) as resp:
+        with loopback_opener().open(f"{settings.server.local_url()}/health", timeout=1.0) as resp:
             return int(resp.status) == 200
     except OSError:  # URLError and HTTPError (a 503 while loading) are OSErrors
         return False

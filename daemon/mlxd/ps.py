@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any
 
-from .config import Settings
+from .config import Settings, loopback_opener
 
 
 def run(settings: Settings, *, as_json: bool = False) -> int:
@@ -20,11 +20,10 @@ def run(settings: Settings, *, as_json: bool = False) -> int:
     url = f"{settings.server.local_url()}/health"
     keys = settings.api_keys()  # /health shows details to authenticated callers only
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    # No proxies: http_proxy in the environment must not capture a loopback request.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         try:
-            with opener.open(urllib.request.Request(url, headers=headers), timeout=5.0) as r:
+            request = urllib.request.Request(url, headers=headers)
+            with loopback_opener().open(request, timeout=5.0) as r:
                 raw = r.read()
         except urllib.error.HTTPError as exc:  # 503 while loading: the body still tells
             raw = exc.read()

@@ -10,11 +10,11 @@ import shutil
 import subprocess
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import loopback_opener
 from .render import (
     HEALTH_TIMEOUT_SECONDS,
     LABEL,
@@ -194,8 +194,7 @@ def wait_for_health(
     ``failed`` is asked between tries and returns a reason when waiting is pointless (the
     service manager already reports the start as failed).
     """
-    # No proxies: http_proxy in the environment must not capture a loopback request.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    opener = loopback_opener()
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:

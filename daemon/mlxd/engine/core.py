@@ -355,8 +355,8 @@ class Engine:
         The caches of sequences that ended are stored between the two: the text goes out
         first (a 4k-token prompt's cache is a copy of tens to hundreds of MB, measured in
         docs/engine.md), the ends after, so the status a Finished reader sees counts them."""
-        runners = [s.runner for s in self._slots.values() if s.runner is not None]
-        kept = [runner for runner in runners if runner.has_kept]
+        runners = (s.runner for s in self._slots.values())  # a runner's len() is its jobs
+        kept = [r for r in runners if r is not None and r.has_kept]
         if kept:
             text = [item for item in self._outbox if isinstance(item[1], Delta)]
             if text:
