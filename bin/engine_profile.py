@@ -15,6 +15,16 @@ Runs on the CPU here and on the GPU machine (``bin/gpu-bench``), the same way:
   sampling, the ``.item()`` host copy, detokenizing, the text filter, and the hop of one
   event onto the asyncio loop. The sum is larger than an unsynchronized step (which overlaps
   the device with the host); the shares are what matters.
+* ``batch``: aggregate decode tokens per second of N sequences decoding together (every N in
+  ``--streams``), steady state (all N past their prompts, none finished), on four paths: a
+  bare loop (forward, greedy argmax, one step in flight, one host copy per step: the floor
+  for N rows), mlx-lm's ``BatchGenerator``, mlxd's ``BatchRunner`` (no event loop) and the
+  whole ``Engine`` from asyncio (events through the loop, no HTTP). End-of-turn tokens are
+  taken out of the model's stop set, so no sequence ends early.
+* ``ramp``: a burst of N prompts (40-100 tokens each) reaching ``BatchRunner`` together:
+  milliseconds and batch steps until every one of them has its first token, with mlxd's
+  admission (as many waiting prompts per step as fit in eight chunks of prompt tokens) and
+  with mlx-lm's (8 prompts per step, none in the step where the previous 8 move on).
 * ``prefill``: prompt tokens per second of one chunk of C tokens appended to a cache that
   already holds L tokens, with a plain ``KVCache`` (causal mask by name) and with the batch
   cache (``BatchKVCache``, explicit mask array), for every L in ``--contexts`` and C in
@@ -263,6 +273,261 @@ def _event_hop_ms(n: int = 2000) -> float:
     return asyncio.run(main())
 
 
+def _endless(lm: Any) -> Any:
+    """``lm`` without end-of-turn tokens (every sequence runs to its budget)."""
+    import dataclasses
+
+    return dataclasses.replace(lm, eos_token_ids=frozenset())
+
+
+def _prompts(lm: Any, n: int, length: int) -> list[list[int]]:
+    return [_prompt(lm, length, seed=1000 * i + 1) for i in range(n)]
+
+
+def _generator(lm: Any, n: int) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(
+        lm.model,
+        max_tokens=10**6,
+        stop_tokens=[],
+        prefill_step_size=2048,
+        completion_batch_size=n,
+        prefill_batch_size=min(n, 8),
+    )
+
+
+def batch_floor(lm: Any, n: int, length: int, steps: int) -> float:
+    """Aggregate tok/s of a bare batched loop on mlx-lm's batch cache."""
+    import mlx.core as mx
+
+    gen = _generator(lm, n)
+    gen.insert(_prompts(lm, n, length), max_tokens=[10**6] * n)
+    while len(gen._generation_batch) < n:
+        gen.next()
+    batch = gen._generation_batch
+    cache = batch.prompt_cache
+    y = batch._next_tokens
+
+    def forward(y: Any) -> Any:
+        logits = lm.model(y[:, None], cache=cache)[:, -1, :]
+        return mx.argmax(logits, axis=-1)
+
+    with mx.stream(gen.stream):
+        nxt = forward(y)
+        mx.async_eval(nxt)
+        start = time.perf_counter()
+        for _ in range(steps):
+            y = nxt
+            nxt = forward(y)
+            mx.async_eval(nxt)
+            y.tolist()
+        end = time.perf_counter()
+    gen.close()
+    return n * steps / (end - start)
+
+
+def _lean_step(self: Any) -> Any:
+    """mlx-lm's ``GenerationBatch._step`` for greedy rows without logits processors, minus
+    what such a batch does not need: no log-softmax, no per-row split of the logprobs."""
+    import mlx.core as mx
+
+    inputs = self._current_tokens = self._next_tokens
+    logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+    self._next_tokens = mx.argmax(logits, axis=-1)
+    mx.async_eval(self._next_tokens)
+    tokens = inputs.tolist()
+    for sti, ti in zip(self.tokens, tokens, strict=True):
+        sti.append(ti)
+    return tokens, [None] * len(tokens)
+
+
+def batch_generator(lm: Any, n: int, length: int, steps: int, lean: bool = False) -> float:
+    from mlx_lm.generate import GenerationBatch
+
+    gen = _generator(lm, n)
+    gen.insert(_prompts(lm, n, length), max_tokens=[10**6] * n)
+    while len(gen._generation_batch) < n:
+        gen.next()
+    gen.next()
+    if lean:
+        gen._generation_batch.__class__ = type(
+            "LeanBatch", (GenerationBatch,), {"_step": _lean_step}
+        )
+    start = time.perf_counter()
+    count = sum(len(gen.next()[1]) for _ in range(steps))
+    end = time.perf_counter()
+    gen.close()
+    return count / (end - start)
+
+
+def batch_runner(lm: Any, n: int, length: int, steps: int) -> float:
+    from mlxd.config import EngineSettings
+    from mlxd.engine.batch import BatchRunner, Job
+    from mlxd.engine.promptcache import PromptCache
+    from mlxd.engine.protocol import GenerationParams, GenerationRequest
+
+    lm = _endless(lm)
+    settings = EngineSettings(prefill_step_size=2048, warmup=False, max_batch_size=max(n, 1))
+    runner = BatchRunner(lm, settings, PromptCache(0))
+    params = GenerationParams(max_tokens=10**6, temperature=0.0, top_p=1.0)
+    jobs = [
+        Job(i + 1, GenerationRequest(model=lm, prompt=p, params=params), _Sink())
+        for i, p in enumerate(_prompts(lm, n, length))
+    ]
+    for job in jobs:
+        runner.add(job)
+    while min(j.completion_tokens for j in jobs) < 2:
+        runner.step()
+    inner = [0.0]
+    if n > 1:  # the share of a step spent inside the generator's next()
+        nxt = runner._gen.next
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return nxt()
+            finally:
+                inner[0] += time.perf_counter() - t0
+
+        runner._gen.next = timed
+    before = sum(j.completion_tokens for j in jobs)
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    end = time.perf_counter()
+    count = sum(j.completion_tokens for j in jobs) - before
+    runner.fail_all_local()
+    runner.close()
+    SHARES[n] = round(inner[0] / (end - start), 3)
+    return count / (end - start)
+
+
+SHARES: dict[int, float] = {}
+
+
+def batch_engine(model: str | None, n: int, length: int, steps: int) -> float:
+    """Aggregate tok/s over the window in which all N streams are decoding (events through
+    the asyncio loop; counted as text events, about one per token)."""
+    from mlxd.config import EngineSettings, ModelSettings
+    from mlxd.engine import loader
+    from mlxd.engine.core import Delta, Engine, GenerationParams, GenerationRequest
+
+    load = loader.load
+    loader.load = lambda *a, **k: _endless(load(*a, **k))  # type: ignore[assignment]
+    settings = ModelSettings() if model is None else ModelSettings(path=model)
+    engine = Engine(
+        settings,
+        EngineSettings(prefill_step_size=2048, warmup=False, max_batch_size=n, max_queue=n),
+    )
+    engine.start()
+    try:
+        assert engine.ready_event.wait(600), engine.load_error
+        lm = engine.require_model()
+
+        async def one(prompt: list[int]) -> list[float]:
+            params = GenerationParams(max_tokens=steps + 40, temperature=0.0, top_p=1.0)
+            job = engine.submit(GenerationRequest(model=lm, prompt=prompt, params=params))
+            times = []
+            async for ev in engine.collect(job):
+                if isinstance(ev, Delta):
+                    times.append(time.perf_counter())
+            return times
+
+        async def main() -> float:
+            runs = await asyncio.gather(*(one(p) for p in _prompts(lm, n, length)))
+            lo = max(r[5] for r in runs)
+            hi = min(r[-5] for r in runs)
+            count = sum(sum(lo <= t <= hi for t in r) for r in runs)
+            return count / (hi - lo)
+
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+        loader.load = load  # type: ignore[assignment]
+
+
+def batch_rates(
+    lm: Any, model: str | None, streams: list[int], length: int, steps: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for n in streams:
+        row: dict[str, Any] = {"streams": n}
+        for name, fn, kw in (
+            ("floor", batch_floor, {}),
+            ("batch_generator", batch_generator, {}),
+            ("lean_generator", batch_generator, {"lean": True}),
+            ("mlxd_runner", batch_runner, {}),
+        ):
+            row[name] = round(max(fn(lm, n, length, steps, **kw) for _ in range(2)), 1)
+        row["runner_share_in_generator"] = SHARES.get(n)
+        row["mlxd_engine"] = round(batch_engine(model, n, length, steps), 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def ramp(lm: Any, n: int, step: int, admission: str) -> dict[str, float]:
+    from mlxd.config import EngineSettings
+    from mlxd.engine import batch
+    from mlxd.engine.batch import BatchRunner, Job
+    from mlxd.engine.promptcache import PromptCache
+    from mlxd.engine.protocol import GenerationParams, GenerationRequest
+
+    lm = _endless(lm)
+    settings = EngineSettings(prefill_step_size=step, warmup=False, max_batch_size=n + 2)
+    runner = BatchRunner(lm, settings, PromptCache(0))
+    params = GenerationParams(max_tokens=10**6, temperature=0.0, top_p=1.0)
+    own = batch.prompt_rows
+    if admission == "mlx-lm":
+        batch.prompt_rows = lambda gen, chunk: 8  # type: ignore[assignment]
+    try:
+        # Two sequences already decoding, so the burst goes to the batch, as in a server.
+        first = [
+            Job(i + 1, GenerationRequest(model=lm, prompt=p, params=params), _Sink())
+            for i, p in enumerate(_prompts(lm, 2, 64))
+        ]
+        for job in first:
+            runner.add(job)
+        while min(j.completion_tokens for j in first) < 1:
+            runner.step()
+        jobs = [
+            Job(
+                i + 10, GenerationRequest(model=lm, prompt=p[: 40 + i % 61], params=params), _Sink()
+            )
+            for i, p in enumerate(_prompts(lm, n, 100))
+        ]
+        start = time.perf_counter()
+        for job in jobs:
+            runner.add(job)
+        steps = 0
+        while min(j.completion_tokens for j in jobs) < 1:
+            runner.step()
+            steps += 1
+        end = time.perf_counter()
+    finally:
+        batch.prompt_rows = own  # type: ignore[assignment]
+    runner.fail_all_local()
+    runner.close()
+    return {"ms": round((end - start) * 1000, 1), "steps": steps}
+
+
+def ramps(lm: Any, streams: list[int], step: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in streams:
+        row: dict[str, Any] = {"streams": n}
+        for admission in ("mlx-lm", "mlxd"):
+            runs = [ramp(lm, n, step, admission) for _ in range(3)]
+            row[admission] = {
+                "first_ms": runs[0]["ms"],
+                "best_ms": min(r["ms"] for r in runs),
+                "steps": runs[-1]["steps"],
+            }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def prefill_curve(lm: Any, contexts: list[int], chunks: list[int]) -> list[dict[str, Any]]:
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
@@ -309,7 +574,14 @@ def main() -> int:
     p.add_argument("--step", type=int, default=2048, help="prefill chunk of the decode runs")
     p.add_argument("--contexts", type=int, nargs="*", default=[0, 2048, 6144])
     p.add_argument("--chunks", type=int, nargs="*", default=[512])
-    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "breakdown", "prefill"])
+    p.add_argument("--streams", type=int, nargs="*", default=[1, 8, 32, 64, 128])
+    p.add_argument("--batch-steps", type=int, default=100, help="steps timed per batch run")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["decode", "breakdown", "batch", "ramp", "prefill"],
+    )
     p.add_argument("--no-eos", action="store_true", help="forbid end-of-turn tokens")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
@@ -348,6 +620,10 @@ def main() -> int:
     if "breakdown" not in args.skip:
         out["breakdown_ms"] = breakdown(lm, prompt, min(args.tokens, 100))
         print("breakdown", json.dumps(out["breakdown_ms"]), flush=True)
+    if "batch" not in args.skip:
+        out["batch"] = batch_rates(lm, args.model, args.streams, 64, args.batch_steps)
+    if "ramp" not in args.skip:
+        out["ramp"] = ramps(lm, args.streams, args.step)
     if "prefill" not in args.skip:
         out["prefill"] = prefill_curve(lm, args.contexts, args.chunks)
     if args.out:

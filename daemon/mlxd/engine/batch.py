@@ -47,6 +47,12 @@ log = get_logger("mlxd.engine")
 #: Seeds MLX's PRNG accepts (a uint64); anything else is refused before it reaches a batch.
 SEED_LIMIT = 2**64
 
+#: A batch step prefills at most this many chunks' worth of prompt tokens (``rows x the
+#: longest row's chunk``, since the generator pads its prompt batch): the most mlx-lm's
+#: default admission (8 prompts, one chunk each) ever prefilled in one step. Within it, as
+#: many waiting prompts are admitted as fit: a burst of short prompts starts in one step.
+PREFILL_CHUNKS_PER_STEP = 8
+
 
 @dataclass(eq=False)
 class Job:
@@ -334,6 +340,7 @@ class BatchRunner:
             self._finish(job, "length")
 
     def _step_batch(self) -> None:
+        self._gen.prefill_batch_size = prompt_rows(self._gen, self.settings.prefill_step_size)
         _, responses = self._gen.next()
         for r in responses:
             found = self._by_uid.get(r.uid)
@@ -447,6 +454,41 @@ def _sole_generation(gen: Any) -> tuple[int, list[Any], list[int], Any] | None:
         return None
 
 
+def prompt_rows(gen: Any, chunk: int) -> int:
+    """The ``prefill_batch_size`` for ``gen``'s next step: its prompt batch as it stands plus
+    the waiting prompts that fit in :data:`PREFILL_CHUNKS_PER_STEP` chunks of ``chunk`` tokens.
+
+    mlx-lm admits at most ``prefill_batch_size - len(prompt batch)`` waiting prompts per step,
+    counted before the prompts that finished prefilling leave the prompt batch; this counts
+    only the rows that stay, so a burst is admitted in the step where the previous group moves
+    on. Prompts are taken in arrival order; at least one is admitted into an empty prompt batch.
+    It reads ``BatchGenerator``'s stage containers (mlx-lm 0.32, as :func:`_sole_generation`);
+    with another layout it answers mlx-lm's own default (8).
+    """
+    budget = PREFILL_CHUNKS_PER_STEP * chunk
+    try:
+        staying = [
+            min(len(segments[0]), chunk)
+            for segments, *_ in gen._currently_processing
+            if not (len(segments) == 1 and len(segments[0]) == 1)  # moves on this step
+        ]
+        rows, longest = len(staying), max(staying, default=0)
+        admit = 0
+        for waiting in gen._unprocessed_sequences:
+            segments = waiting[1]
+            # A one-token prompt (a sequence joining from the fast path) prefills nothing.
+            first = (
+                0 if len(segments) == 1 and len(segments[0]) == 1 else min(len(segments[0]), chunk)
+            )
+            width = max(longest, first)
+            if rows + admit and (rows + admit + 1) * width > budget:
+                break
+            admit, longest = admit + 1, width
+        return max(len(gen._prompt_batch) + admit, 1)
+    except (AttributeError, TypeError, IndexError, ValueError):
+        return PREFILL_CHUNKS_PER_STEP
+
+
 def _guarded_processor(job: Job, processor: LogitsProcessor) -> LogitsProcessor:
     """``processor``, except that an exception marks ``job`` failed instead of aborting the
     whole batch step; the job's logits then pass unchanged until it is removed."""
@@ -529,7 +571,7 @@ def make_generator(
         stop_tokens=eos,
         sampler=sampler,
         completion_batch_size=settings.max_batch_size,
-        prefill_batch_size=min(settings.max_batch_size, 8),
+        prefill_batch_size=min(settings.max_batch_size, PREFILL_CHUNKS_PER_STEP),
         prefill_step_size=settings.prefill_step_size,
         stream=mx.default_stream(mx.default_device()) if same_stream else None,
     )
