@@ -273,7 +273,11 @@ class EngineSettings(_Section):
         "Retry-After.",
     )
     prefill_step_size: int = Field(
-        512, ge=16, description="Prompt tokens processed per step (bounds memory of long prompts)."
+        512,
+        ge=16,
+        description="Prompt tokens processed per step for one prompt (bounds memory of long "
+        "prompts); while others decode, a step prefills at most 8 such chunks, admitting as "
+        "many waiting prompts as fit.",
     )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
