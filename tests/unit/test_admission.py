@@ -102,8 +102,8 @@ def test_the_next_group_is_admitted_when_the_previous_moves_on(model: Any) -> No
     gen.close()
 
 
-def test_an_empty_prompt_batch_admits_one_long_prompt(model: Any) -> None:
-    """A prompt longer than the whole budget still starts (one chunk per step)."""
+def test_prompts_longer_than_the_budget_start(model: Any) -> None:
+    """Prompts longer than the whole budget start at once, one chunk each per step."""
     gen = generator(model)
     gen.insert(prompts(2, 20 * CHUNK), max_tokens=[5] * 2)
     assert prompt_rows(gen, CHUNK) == 2  # two full chunks fit in eight
