@@ -25,6 +25,10 @@ Runs on the CPU here and on the GPU machine (``bin/gpu-bench``), the same way:
   milliseconds and batch steps until every one of them has its first token, with mlxd's
   admission (as many waiting prompts per step as fit in eight chunks of prompt tokens) and
   with mlx-lm's (8 prompts per step, none in the step where the previous 8 move on).
+* ``shapes``: what a prompt chunk of a shape not run before costs (on a GPU backend, setup
+  per new shape): a chunk of L tokens after a cached prefix of O tokens on a plain
+  ``KVCache``, timed the first time that (O, L) runs and again right after, for new lengths
+  at a fixed offset, new offsets at a fixed length, and L rounded up to a multiple of 32.
 * ``prefill``: prompt tokens per second of one chunk of C tokens appended to a cache that
   already holds L tokens, with a plain ``KVCache`` (causal mask by name) and with the batch
   cache (``BatchKVCache``, explicit mask array), for every L in ``--contexts`` and C in
@@ -528,6 +532,38 @@ def ramps(lm: Any, streams: list[int], step: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _chunk_ms(lm: Any, offset: int, length: int) -> float:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(lm.model)
+    if offset:
+        lm.model(mx.array(_prompt(lm, offset, seed=7))[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    tokens = mx.array(_prompt(lm, length, seed=11))[None]
+    t0 = time.perf_counter()
+    lm.model(tokens, cache=cache)
+    mx.eval([c.state for c in cache])
+    return (time.perf_counter() - t0) * 1000
+
+
+def shape_costs(lm: Any) -> list[dict[str, Any]]:
+    cases = [("length", 27, n) for n in (29, 30, 31, 33, 34, 35)]
+    cases += [("offset", o, 32) for o in (28, 29, 30, 31)]
+    cases += [("offset0", 0, n) for n in (40, 41, 42)]
+    cases += [("rounded", 27, 64), ("rounded", 28, 64), ("rounded", 29, 64)]
+    rows = []
+    _chunk_ms(lm, 16, 16)  # the model's first run
+    for kind, offset, length in cases:
+        first = _chunk_ms(lm, offset, length)
+        again = min(_chunk_ms(lm, offset, length) for _ in range(3))
+        row = {"kind": kind, "offset": offset, "length": length}
+        row |= {"first_ms": round(first, 2), "again_ms": round(again, 2)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def prefill_curve(lm: Any, contexts: list[int], chunks: list[int]) -> list[dict[str, Any]]:
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
@@ -580,7 +616,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["decode", "breakdown", "batch", "ramp", "prefill"],
+        choices=["decode", "breakdown", "batch", "ramp", "shapes", "prefill"],
     )
     p.add_argument("--no-eos", action="store_true", help="forbid end-of-turn tokens")
     p.add_argument("--out", help="write the results as JSON here")
@@ -624,6 +660,8 @@ def main() -> int:
         out["batch"] = batch_rates(lm, args.model, args.streams, 64, args.batch_steps)
     if "ramp" not in args.skip:
         out["ramp"] = ramps(lm, args.streams, args.step)
+    if "shapes" not in args.skip:
+        out["shapes"] = shape_costs(lm)
     if "prefill" not in args.skip:
         out["prefill"] = prefill_curve(lm, args.contexts, args.chunks)
     if args.out:
