@@ -467,21 +467,19 @@ def prompt_rows(gen: Any, chunk: int) -> int:
     with another layout it answers mlx-lm's own default (8).
     """
     budget = PREFILL_CHUNKS_PER_STEP * chunk
+
+    def prefills(segments: list[list[int]]) -> int:
+        """Tokens a sequence prefills in the step; 0 when only its last prompt token is left
+        (it moves on to generation: a finished prefill, or a sequence joining from the fast
+        path), the test mlx-lm's ``_next`` makes."""
+        return 0 if len(segments) == 1 and len(segments[0]) == 1 else min(len(segments[0]), chunk)
+
     try:
-        staying = [
-            min(len(segments[0]), chunk)
-            for segments, *_ in gen._currently_processing
-            if not (len(segments) == 1 and len(segments[0]) == 1)  # moves on this step
-        ]
+        staying = [w for w in (prefills(seq[0]) for seq in gen._currently_processing) if w]
         rows, longest = len(staying), max(staying, default=0)
         admit = 0
         for waiting in gen._unprocessed_sequences:
-            segments = waiting[1]
-            # A one-token prompt (a sequence joining from the fast path) prefills nothing.
-            first = (
-                0 if len(segments) == 1 and len(segments[0]) == 1 else min(len(segments[0]), chunk)
-            )
-            width = max(longest, first)
+            width = max(longest, prefills(waiting[1]))
             if rows + admit and (rows + admit + 1) * width > budget:
                 break
             admit, longest = admit + 1, width
