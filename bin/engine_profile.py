@@ -288,10 +288,12 @@ def _prompts(lm: Any, n: int, length: int) -> list[list[int]]:
     return [_prompt(lm, length, seed=1000 * i + 1) for i in range(n)]
 
 
-def _generator(lm: Any, n: int) -> Any:
+def _generator(lm: Any, n: int, length: int) -> Any:
+    """mlx-lm's ``BatchGenerator`` with ``n`` sequences of ``length``-token prompts, all
+    past their prompts and decoding."""
     from mlx_lm.generate import BatchGenerator
 
-    return BatchGenerator(
+    gen = BatchGenerator(
         lm.model,
         max_tokens=10**6,
         stop_tokens=[],
@@ -299,16 +301,40 @@ def _generator(lm: Any, n: int) -> Any:
         completion_batch_size=n,
         prefill_batch_size=min(n, 8),
     )
+    gen.insert(_prompts(lm, n, length), max_tokens=[10**6] * n)
+    while len(gen._generation_batch) < n:
+        gen.next()
+    return gen
+
+
+def _runner(lm: Any, slots: int, step: int) -> tuple[Any, Any]:
+    """An mlxd ``BatchRunner`` for ``lm`` without end-of-turn tokens, and that model."""
+    from mlxd.config import EngineSettings
+    from mlxd.engine.batch import BatchRunner
+    from mlxd.engine.promptcache import PromptCache
+
+    lm = _endless(lm)
+    settings = EngineSettings(prefill_step_size=step, warmup=False, max_batch_size=slots)
+    return BatchRunner(lm, settings, PromptCache(0)), lm
+
+
+def _jobs(lm: Any, prompts: list[list[int]], first_id: int = 1) -> list[Any]:
+    """Greedy runner jobs with an unbounded token budget, one per prompt."""
+    from mlxd.engine.batch import Job
+    from mlxd.engine.protocol import GenerationParams, GenerationRequest
+
+    params = GenerationParams(max_tokens=10**6, temperature=0.0, top_p=1.0)
+    return [
+        Job(first_id + i, GenerationRequest(model=lm, prompt=p, params=params), _Sink())
+        for i, p in enumerate(prompts)
+    ]
 
 
 def batch_floor(lm: Any, n: int, length: int, steps: int) -> float:
     """Aggregate tok/s of a bare batched loop on mlx-lm's batch cache."""
     import mlx.core as mx
 
-    gen = _generator(lm, n)
-    gen.insert(_prompts(lm, n, length), max_tokens=[10**6] * n)
-    while len(gen._generation_batch) < n:
-        gen.next()
+    gen = _generator(lm, n, length)
     batch = gen._generation_batch
     cache = batch.prompt_cache
     y = batch._next_tokens
@@ -349,10 +375,7 @@ def _lean_step(self: Any) -> Any:
 def batch_generator(lm: Any, n: int, length: int, steps: int, lean: bool = False) -> float:
     from mlx_lm.generate import GenerationBatch
 
-    gen = _generator(lm, n)
-    gen.insert(_prompts(lm, n, length), max_tokens=[10**6] * n)
-    while len(gen._generation_batch) < n:
-        gen.next()
+    gen = _generator(lm, n, length)
     gen.next()
     if lean:
         gen._generation_batch.__class__ = type(
@@ -365,20 +388,11 @@ def batch_generator(lm: Any, n: int, length: int, steps: int, lean: bool = False
     return count / (end - start)
 
 
-def batch_runner(lm: Any, n: int, length: int, steps: int) -> float:
-    from mlxd.config import EngineSettings
-    from mlxd.engine.batch import BatchRunner, Job
-    from mlxd.engine.promptcache import PromptCache
-    from mlxd.engine.protocol import GenerationParams, GenerationRequest
-
-    lm = _endless(lm)
-    settings = EngineSettings(prefill_step_size=2048, warmup=False, max_batch_size=max(n, 1))
-    runner = BatchRunner(lm, settings, PromptCache(0))
-    params = GenerationParams(max_tokens=10**6, temperature=0.0, top_p=1.0)
-    jobs = [
-        Job(i + 1, GenerationRequest(model=lm, prompt=p, params=params), _Sink())
-        for i, p in enumerate(_prompts(lm, n, length))
-    ]
+def batch_runner(lm: Any, n: int, length: int, steps: int) -> tuple[float, float]:
+    """Aggregate tok/s of mlxd's ``BatchRunner``, and the share of its step spent inside the
+    generator's ``next()`` (0 for one sequence: the fast path has no generator)."""
+    runner, lm = _runner(lm, n, 2048)
+    jobs = _jobs(lm, _prompts(lm, n, length))
     for job in jobs:
         runner.add(job)
     while min(j.completion_tokens for j in jobs) < 2:
@@ -403,11 +417,7 @@ def batch_runner(lm: Any, n: int, length: int, steps: int) -> float:
     count = sum(j.completion_tokens for j in jobs) - before
     runner.fail_all_local()
     runner.close()
-    SHARES[n] = round(inner[0] / (end - start), 3)
-    return count / (end - start)
-
-
-SHARES: dict[int, float] = {}
+    return count / (end - start), inner[0] / (end - start)
 
 
 def batch_engine(model: str | None, n: int, length: int, steps: int) -> float:
@@ -461,10 +471,11 @@ def batch_rates(
             ("floor", batch_floor, {}),
             ("batch_generator", batch_generator, {}),
             ("lean_generator", batch_generator, {"lean": True}),
-            ("mlxd_runner", batch_runner, {}),
         ):
             row[name] = round(max(fn(lm, n, length, steps, **kw) for _ in range(2)), 1)
-        row["runner_share_in_generator"] = SHARES.get(n)
+        rate, share = max(batch_runner(lm, n, length, steps) for _ in range(2))
+        row["mlxd_runner"] = round(rate, 1)
+        row["runner_share_in_generator"] = round(share, 3)
         row["mlxd_engine"] = round(batch_engine(model, n, length, steps), 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -472,35 +483,21 @@ def batch_rates(
 
 
 def ramp(lm: Any, n: int, step: int, admission: str) -> dict[str, float]:
-    from mlxd.config import EngineSettings
     from mlxd.engine import batch
-    from mlxd.engine.batch import BatchRunner, Job
-    from mlxd.engine.promptcache import PromptCache
-    from mlxd.engine.protocol import GenerationParams, GenerationRequest
 
-    lm = _endless(lm)
-    settings = EngineSettings(prefill_step_size=step, warmup=False, max_batch_size=n + 2)
-    runner = BatchRunner(lm, settings, PromptCache(0))
-    params = GenerationParams(max_tokens=10**6, temperature=0.0, top_p=1.0)
+    runner, lm = _runner(lm, n + 2, step)
     own = batch.prompt_rows
     if admission == "mlx-lm":
         batch.prompt_rows = lambda gen, chunk: 8  # type: ignore[assignment]
     try:
         # Two sequences already decoding, so the burst goes to the batch, as in a server.
-        first = [
-            Job(i + 1, GenerationRequest(model=lm, prompt=p, params=params), _Sink())
-            for i, p in enumerate(_prompts(lm, 2, 64))
-        ]
+        first = _jobs(lm, _prompts(lm, 2, 64))
         for job in first:
             runner.add(job)
         while min(j.completion_tokens for j in first) < 1:
             runner.step()
-        jobs = [
-            Job(
-                i + 10, GenerationRequest(model=lm, prompt=p[: 40 + i % 61], params=params), _Sink()
-            )
-            for i, p in enumerate(_prompts(lm, n, 100))
-        ]
+        prompts = [p[: 40 + i % 61] for i, p in enumerate(_prompts(lm, n, 100))]
+        jobs = _jobs(lm, prompts, first_id=10)
         start = time.perf_counter()
         for job in jobs:
             runner.add(job)
