@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_command
-from mlxd.bench.harness import child_env
+from mlxd.bench.harness import START_TIMEOUT, child_env
 from mlxd.bench.results import INPROCESS, MLXD, REFERENCE
 
 BENCH = [sys.executable, "-m", "mlxd.bench"]
@@ -47,6 +47,13 @@ def test_quick_bench_against_both_servers(tmp_path: Path) -> None:
     assert {
         (INPROCESS, m) for m in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s")
     } <= measured
+    # The in-process reference ran in turn with the servers: mlxd / each, repeat by repeat.
+    paired = {(r["metric"], r["versus"]) for r in lines if r["metric"].startswith("paired_")}
+    assert paired == {
+        (m, v)
+        for m in ("paired_decode_ratio", "paired_prefill_ratio")
+        for v in (REFERENCE, INPROCESS)
+    }
     values = [r for r in lines if r["value"] is not None and r["metric"] != "setup"]
     assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in values)
     assert {r["concurrency"] for r in values if r["metric"] == "aggregate_tokens_per_s"} == {1, 2}
@@ -79,24 +86,27 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.timeout(int(2 * START_TIMEOUT) + 120)
 def test_sigterm_stops_the_servers(tmp_path: Path) -> None:
-    """SIGTERM to the bench mid-run stops the server it started; nothing is left behind."""
+    """SIGTERM to the bench mid-run stops the server and the in-process worker it started;
+    nothing is left behind."""
     err = tmp_path / "stderr.txt"
     with err.open("wb") as stderr:
         bench = subprocess.Popen(
-            [*BENCH, "--quick", "--no-reference", "--skip", "inprocess"],
+            [*BENCH, "--quick", "--no-reference"],
             cwd=ROOT,
             env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
     try:
-        deadline = time.monotonic() + 90
+        # mlxd and the worker each load the model (each within the harness's start bound).
+        deadline = time.monotonic() + 2 * START_TIMEOUT
         while "single stream" not in err.read_text() and time.monotonic() < deadline:
             assert bench.poll() is None, err.read_text()[-2000:]
             time.sleep(0.2)
         children = _children(bench.pid)
-        assert children, "the bench should have started mlxd"
+        assert len(children) == 2, "the bench should have started mlxd and its worker"
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(60) != 0
         for pid in children:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import BUNDLED_MODEL, CHECKOUT_ROOT, ConfigError, load_settings
 from .harness import Daemon, HarnessError, Server, child_env, free_port, start_reference, wait_ready
-from .inprocess import inprocess_worker, run_inprocess
+from .inprocess import InProcess, inprocess_worker, record_inprocess_setup
 from .results import MLXD, REFERENCE, Results, format_table
 from .scenarios import SUITES, Bench
 from .setupinfo import record_setup, reference_model
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: --mlxd-config: {exc}", file=sys.stderr)
         return 2
     servers: list[Server] = []
+    inprocess: InProcess | None = None
     tmp = Path(tempfile.mkdtemp(prefix="mlxd-bench-"))
     started = time.monotonic()
     try:
@@ -79,8 +80,15 @@ def run(args: argparse.Namespace) -> int:
             ref.name = REFERENCE
             ref.info["model_source"] = how
             servers.append(ref)
+        reference_suites = [n for n in ("single", "prefill") if n not in args.skip]
+        with_inprocess = "inprocess" not in args.skip and bool(reference_suites)
+        if with_inprocess and not args.inprocess_after:  # loads beside the servers
+            inprocess = InProcess(config, mlxd_env, tmp, work.warmups)
         wait_ready(servers, args.start_timeout)
-        bench = Bench(servers, work, results, args.request_timeout)
+        if inprocess is not None:
+            inprocess.wait_ready(args.start_timeout)
+            record_inprocess_setup(results, inprocess.info)
+        bench = Bench(servers, work, results, args.request_timeout, inprocess)
         bench.warmup()
         record_setup(servers, results, model, work, args)
         for name, suite in SUITES.items():
@@ -88,9 +96,14 @@ def run(args: argparse.Namespace) -> int:
                 suite(bench)
         for s in servers:
             s.stop()
-        if "inprocess" not in args.skip:
-            bench.log("in-process mlx_lm.stream_generate (subprocess)")
-            run_inprocess(config, mlxd_env, work, tmp, results, args.request_timeout * 4)
+        if with_inprocess and args.inprocess_after:
+            bench.log("in-process mlx_lm.stream_generate (subprocess), after the servers")
+            inprocess = InProcess(config, mlxd_env, tmp, work.warmups)
+            inprocess.wait_ready(args.start_timeout)
+            record_inprocess_setup(results, inprocess.info)
+            alone = Bench([], work, results, args.request_timeout, inprocess)
+            for name in reference_suites:
+                SUITES[name](alone)
     except (HarnessError, OSError, http.client.HTTPException) as exc:
         print(f"bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         if not args.keep_logs:
@@ -99,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s in servers:
             s.stop()
+        if inprocess is not None:
+            inprocess.stop()
         if args.keep_logs:
             print(f"bench: logs kept in {tmp}", file=sys.stderr)
         else:
@@ -197,7 +212,14 @@ def _parser() -> argparse.ArgumentParser:
         help="socket timeout of one request, seconds",
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with server logs")
-    p.add_argument("--inprocess-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--inprocess-after",
+        action="store_true",
+        help="run the in-process reference after the servers have stopped instead of in turn "
+        "with them (one copy of the model less in memory at a time; the comparison is then "
+        "exposed to the machine's drift between the two)",
+    )
+    p.add_argument("--inprocess-worker", metavar="SPEC", help=argparse.SUPPRESS)
     return p
 
 
@@ -209,7 +231,7 @@ def _raise_on_term(signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.inprocess_worker:
-        return inprocess_worker(Path(args.inprocess_worker[0]), Path(args.inprocess_worker[1]))
+        return inprocess_worker(Path(args.inprocess_worker))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_on_term)
     try:

@@ -84,21 +84,24 @@ def spawn(
     *,
     cwd: Path | None = None,
     isolate: bool = False,
+    pipes: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` with stdout and stderr in ``log``.
 
     ``isolate``: its own session (Ctrl-C reaches only the caller, which stops it) and, on
     Linux, SIGTERM when the caller dies. Only for callers that spawn from their main thread
     with no other threads running (the bench): ``preexec_fn`` is not thread-safe.
+    ``pipes``: stdin and stdout are pipes to the caller (a worker it talks to); only stderr
+    goes to ``log``.
     """
     with log.open("wb") as out:
         return subprocess.Popen(
             list(cmd),
             cwd=cwd,
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else out,
+            stderr=out if pipes else subprocess.STDOUT,
             start_new_session=isolate,
             preexec_fn=_die_with_parent if isolate else None,
         )

@@ -1,32 +1,39 @@
 """The in-process reference: ``mlx_lm.stream_generate`` with mlxd's BLAS and model loading,
-in its own subprocess, to show how much the HTTP server costs.
+in a worker subprocess, to show how much the HTTP server costs.
 
-The worker (``python -m mlxd.bench --inprocess-worker SPEC OUT``) is the only place the
-bench imports mlx, after choosing the BLAS, so the choice never leaks into the bench process.
+The worker (``python -m mlxd.bench --inprocess-worker SPEC``) loads the model once, then
+answers one generation per request line on its stdin with one JSON line on its stdout, so
+the suites ask it repeat by repeat between the servers (:class:`InProcess`): a machine whose
+speed drifts during the run (a GPU host's clocks, other work) then moves every side alike.
+It is the only place the bench imports mlx, after choosing the BLAS, so the choice never
+leaks into the bench process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import CHECKOUT_ROOT, load_settings
-from .client import BenchError
+from .client import BenchError, StreamResult
 from .harness import spawn, terminate
-from .results import INPROCESS, Results, median_int
+from .results import INPROCESS, Results
 from .setupinfo import versions
-from .workload import LONG_PROMPTS, Workload, prefill_text, tagged
 
 
-def inprocess_worker(spec_path: Path, out_path: Path) -> int:
-    """Load the model exactly as mlxd does and time ``mlx_lm.stream_generate``.
-
-    Runs as its own process (``--inprocess-worker``) so the BLAS chosen here never leaks
-    into the bench process.
-    """
+def inprocess_worker(spec_path: Path) -> int:
+    """Load the model exactly as mlxd does, say ready, then time ``mlx_lm.stream_generate``
+    for each request line (``{"messages": [...], "max_tokens": N}``) until stdin closes."""
+    # The protocol owns the original stdout; anything else printed goes to stderr (the log).
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     spec = json.loads(spec_path.read_text())
     from ..backend import device_info, preload_blas
 
@@ -56,89 +63,108 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> int:
             last = now
         return {"ttft": first, "last": last, "prompt_tokens": len(ids), "completion_tokens": n}
 
-    run([{"role": "user", "content": "[warmup] Say hello."}], 4)
-    single = [
-        run(
-            [{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}],
-            spec["max_tokens"],
-        )
-        for r in range(spec["repeats"])
-    ]
-    doc = prefill_text(spec["prefill_tokens"])
-    prefill = [
-        run([{"role": "user", "content": tagged(f"prefill {r}", doc)}], 1)
-        for r in range(spec["repeats"])
-    ]
-    out_path.write_text(
-        json.dumps(
-            {
-                "single": single,
-                "prefill": prefill,
-                "info": {
-                    "blas": choice.library or "mlx-bundled reference BLAS",
-                    "blas_reason": choice.reason,
-                    "device": device_info(),
-                    "dtype": lm.dtype,
-                    "prefill_step_size": step,
-                    "versions": versions(),
-                },
-            }
-        )
-    )
+    for i in range(spec.get("warmups", 1)):
+        run([{"role": "user", "content": f"[warmup {i}] Say hello."}], 4)
+    info = {
+        "blas": choice.library or "mlx-bundled reference BLAS",
+        "blas_reason": choice.reason,
+        "device": device_info(),
+        "dtype": lm.dtype,
+        "prefill_step_size": step,
+        "versions": versions(),
+    }
+    proto.write(json.dumps({"ready": True, "info": info}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        proto.write(json.dumps(run(request["messages"], request["max_tokens"])) + "\n")
     return 0
 
 
-def run_inprocess(
-    config: Path, env: dict[str, str], work: Workload, tmp: Path, results: Results, timeout: float
-) -> None:
-    spec = tmp / "inprocess.json"
-    out = tmp / "inprocess-result.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "config": str(config),
-                "max_tokens": work.max_tokens,
-                "prefill_tokens": work.prefill_tokens,
-                "repeats": work.repeats,
-            }
+class InProcess:
+    """The worker, asked for one generation at a time (the suites' :func:`generate`)."""
+
+    name = INPROCESS
+
+    def __init__(self, config: Path, env: dict[str, str], tmp: Path, warmups: int) -> None:
+        spec = tmp / "inprocess.json"
+        spec.write_text(json.dumps({"config": str(config), "warmups": warmups}))
+        self.log = tmp / "inprocess.log"
+        cmd = [sys.executable, "-m", "mlxd.bench", "--inprocess-worker", str(spec)]
+        self.process = spawn(cmd, env, self.log, cwd=CHECKOUT_ROOT, isolate=True, pipes=True)
+        self.info: dict[str, Any] = {}
+        self._buffer = b""
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the worker has loaded and warmed up its model."""
+        self.info = self._read(timeout, "loading the model")["info"]
+
+    def generate(
+        self, messages: list[dict[str, str]], max_tokens: int, timeout: float
+    ) -> StreamResult:
+        stdin = self.process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(
+                json.dumps({"messages": messages, "max_tokens": max_tokens}).encode() + b"\n"
+            )
+            stdin.flush()
+        except BrokenPipeError:
+            raise BenchError(f"the in-process worker exited:\n{self._tail()}") from None
+        r = self._read(timeout, "a generation")
+        return StreamResult(
+            ttft=r["ttft"],
+            last=r["last"],
+            end=r["last"],
+            completion_tokens=r["completion_tokens"],
+            prompt_tokens=r["prompt_tokens"],
+            cached_tokens=None,
+            text="",
         )
-    )
-    cmd = [sys.executable, "-m", "mlxd.bench", "--inprocess-worker", str(spec), str(out)]
-    proc = spawn(cmd, env, tmp / "inprocess.log", cwd=CHECKOUT_ROOT, isolate=True)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        terminate(proc, 5)
-        raise BenchError(f"in-process run took longer than {timeout:.0f}s") from None
-    finally:
-        terminate(proc, 5)
-    if proc.returncode != 0 or not out.exists():
-        tail = (tmp / "inprocess.log").read_text(errors="replace")[-2000:]
-        raise BenchError(f"in-process run failed ({proc.returncode}):\n{tail}")
-    data = json.loads(out.read_text())
-    results.setup[INPROCESS] = data["info"]
+
+    def stop(self) -> None:
+        """Close its stdin (it exits after the generation in hand), then make sure it is gone."""
+        if self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        terminate(self.process, 10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def _read(self, timeout: float, what: str) -> dict[str, Any]:
+        """The worker's next line; a clear error if it exits or takes longer than ``timeout``."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        fd = stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"in-process worker: {what} took longer than {timeout:.0f}s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self.process.wait(10)
+                    raise BenchError(
+                        f"the in-process worker exited ({self.process.returncode}) during "
+                        f"{what}:\n{self._tail()}"
+                    )
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def _tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+def record_inprocess_setup(results: Results, info: dict[str, Any]) -> None:
+    results.setup[INPROCESS] = info
     results.emit(
-        {"server": INPROCESS, "metric": "setup", "value": None, "unit": None, "info": data["info"]}
-    )
-    single, prefill = data["single"], data["prefill"]
-    params = {
-        "max_tokens": work.max_tokens,
-        "prompt_tokens": median_int([x["prompt_tokens"] for x in single]),
-        "completion_tokens": median_int([x["completion_tokens"] for x in single]),
-    }
-    results.measurement(INPROCESS, "ttft_ms", "ms", [x["ttft"] * 1000 for x in single], **params)
-    decode = [
-        (x["completion_tokens"] - 1) / (x["last"] - x["ttft"])
-        for x in single
-        if x["completion_tokens"] > 1 and x["last"] > x["ttft"]
-    ]
-    results.measurement(INPROCESS, "decode_tokens_per_s", "tokens/s", decode, **params)
-    results.measurement(
-        INPROCESS,
-        "prefill_tokens_per_s",
-        "tokens/s",
-        [x["prompt_tokens"] / x["ttft"] for x in prefill],
-        max_tokens=1,
-        prompt_tokens=median_int([x["prompt_tokens"] for x in prefill]),
-        completion_tokens=1,
+        {"server": INPROCESS, "metric": "setup", "value": None, "unit": None, "info": info}
     )

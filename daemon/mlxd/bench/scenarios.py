@@ -2,7 +2,10 @@
 
 A new scenario is a method of :class:`Bench` plus an entry in :data:`SUITES` (its name is
 then accepted by ``--skip``). Servers are interleaved repeat by repeat, so background load
-hits both alike, and every request body is the same for both sides.
+hits both alike, and every request body is the same for both sides. The single-stream and
+prefill suites also ask the in-process reference (:class:`~.inprocess.InProcess`) in turn,
+and rotate which side goes first each repeat, so a drift of the machine's speed during the
+run moves every side alike.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from .client import BenchError, HttpStatusError, StreamResult, stream_chat, stream_response
 from .harness import Daemon, Server, get_json
-from .results import Results, median_int
+from .inprocess import InProcess
+from .results import MLXD, Results, median_int
 from .workload import FOLLOW_UPS, LONG_PROMPTS, Workload, prefill_text, tagged
 
 
@@ -28,6 +32,7 @@ class Bench:
     work: Workload
     results: Results
     timeout: float
+    inprocess: InProcess | None = None  # asked in turn with the servers (single, prefill)
 
     def log(self, msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -39,14 +44,47 @@ class Bench:
                 msg = [{"role": "user", "content": f"[warmup {i}] Say hello."}]
                 stream_chat(s, msg, 4, self.timeout)
 
+    def _in_turn(
+        self, messages: Callable[[int], list[dict[str, str]]], max_tokens: int
+    ) -> dict[str, list[StreamResult]]:
+        """Every side (the servers, then the in-process reference) once per repeat, the one
+        that goes first rotating from repeat to repeat."""
+        sides: list[Server | InProcess] = [*self.servers]
+        if self.inprocess is not None:
+            sides.append(self.inprocess)
+        runs: dict[str, list[StreamResult]] = {s.name: [] for s in sides}
+        for r in range(self.work.repeats):
+            msg = messages(r)
+            k = r % len(sides)
+            for side in sides[k:] + sides[:k]:
+                if isinstance(side, InProcess):
+                    res = side.generate(msg, max_tokens, self.timeout)
+                else:
+                    res = stream_chat(side, msg, max_tokens, self.timeout)
+                runs[side.name].append(res)
+        return runs
+
+    def _paired(self, runs: dict[str, list[StreamResult]], metric: str, value: Any) -> None:
+        """mlxd / each other side, repeat by repeat (the two ran back to back): the median
+        of these is steadier than the ratio of the two medians on a drifting machine."""
+        mine = runs.get(MLXD)
+        if not mine:
+            return
+        for name, theirs in runs.items():
+            if name == MLXD:
+                continue
+            pairs = [(value(a), value(b)) for a, b in zip(mine, theirs, strict=True)]
+            self.results.measurement(
+                MLXD, metric, "x", [a / b for a, b in pairs if a and b], versus=name
+            )
+
     def single_stream(self) -> None:
         w = self.work
         self.log(f"single stream: max_tokens={w.max_tokens}, {w.repeats} repeats")
-        runs: dict[str, list[StreamResult]] = {s.name: [] for s in self.servers}
-        for r in range(w.repeats):
-            msg = [{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}]
-            for s in self.servers:
-                runs[s.name].append(stream_chat(s, msg, w.max_tokens, self.timeout))
+        runs = self._in_turn(
+            lambda r: [{"role": "user", "content": tagged(f"single {r}", LONG_PROMPTS[0])}],
+            w.max_tokens,
+        )
         for name, rs in runs.items():
             params = _stream_params(rs, max_tokens=w.max_tokens)
             self.results.measurement(name, "ttft_ms", "ms", [x.ttft * 1000 for x in rs], **params)
@@ -57,16 +95,15 @@ class Bench:
                 [x.decode_tokens_per_s for x in rs],
                 **params,
             )
+        self._paired(runs, "paired_decode_ratio", lambda x: x.decode_tokens_per_s)
 
     def prefill(self) -> None:
         w = self.work
         self.log(f"prefill: ~{w.prefill_tokens}-token prompt, {w.repeats} repeats")
-        runs: dict[str, list[StreamResult]] = {s.name: [] for s in self.servers}
         doc = prefill_text(w.prefill_tokens)
-        for r in range(w.repeats):
-            msg = [{"role": "user", "content": tagged(f"prefill {r}", doc)}]
-            for s in self.servers:
-                runs[s.name].append(stream_chat(s, msg, 1, self.timeout))
+        runs = self._in_turn(
+            lambda r: [{"role": "user", "content": tagged(f"prefill {r}", doc)}], 1
+        )
         for name, rs in runs.items():
             self.results.measurement(
                 name,
@@ -75,6 +112,7 @@ class Bench:
                 [x.prompt_tokens / x.ttft for x in rs],
                 **_stream_params(rs, max_tokens=1),
             )
+        self._paired(runs, "paired_prefill_ratio", lambda x: x.prompt_tokens / x.ttft)
 
     def concurrency(self) -> None:
         w = self.work
