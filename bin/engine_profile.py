@@ -29,6 +29,10 @@ Runs on the CPU here and on the GPU machine (``bin/gpu-bench``), the same way:
   per new shape): a chunk of L tokens after a cached prefix of O tokens on a plain
   ``KVCache``, timed the first time that (O, L) runs and again right after, for new lengths
   at a fixed offset, new offsets at a fixed length, and L rounded up to a multiple of 32.
+* ``static``: one sequence, greedy, on a fixed-size KV buffer (every step the same shapes,
+  the cache offset an array, attention masked to the filled part), with the step run as is
+  and traced by ``mx.compile``, in turn with ``stream_generate``: tokens per second, the
+  host time to build one step's graph, and whether the tokens are ``stream_generate``'s.
 * ``prefill``: prompt tokens per second of one chunk of C tokens appended to a cache that
   already holds L tokens, with a plain ``KVCache`` (causal mask by name) and with the batch
   cache (``BatchKVCache``, explicit mask array), for every L in ``--contexts`` and C in
@@ -561,6 +565,121 @@ def shape_costs(lm: Any) -> list[dict[str, Any]]:
     return rows
 
 
+class _StaticCache:
+    """One layer's KV cache as a fixed-size buffer: the step writes at ``offset`` (an array)
+    and attends to the whole buffer under a mask, so every decoding step has the same shapes
+    and ``mx.compile`` can trace it once."""
+
+    def __init__(self, keys: Any, values: Any, offset: Any) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def update_and_fetch(self, k: Any, v: Any) -> tuple[Any, Any]:
+        import mlx.core as mx
+
+        self.keys = mx.slice_update(self.keys, k, self.offset, axes=(2,))
+        self.values = mx.slice_update(self.values, v, self.offset, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: Any = None) -> Any:
+        import mlx.core as mx
+
+        return (mx.arange(self.keys.shape[2]) < self.offset + n)[None]
+
+
+def decode_static(lm: Any, prompt: list[int], n: int, compiled: bool) -> dict[str, Any]:
+    """Greedy decode of one sequence on :class:`_StaticCache` buffers (plain KV cache for
+    the prompt, then copied in), the step traced by ``mx.compile`` or not: tokens per second,
+    the host time spent building each step's graph, and the tokens (to compare)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(lm.model)
+    logits = lm.model(mx.array(prompt)[None], cache=cache)[:, -1, :]
+    first = mx.argmax(logits, axis=-1)
+    mx.eval(first, [c.state for c in cache])
+    size = (len(prompt) + n + 255) // 256 * 256
+    bufs = []
+    for c in cache:
+        k, v, filled = c.state
+        for a in (k, v):
+            buf = mx.zeros((a.shape[0], a.shape[1], size, a.shape[3]), a.dtype)
+            buf[:, :, :filled, :] = a[:, :, :filled, :]
+            bufs.append(buf)
+    del cache
+    mx.eval(bufs)
+    layers = len(bufs) // 2
+    model = lm.model
+
+    def step(token: Any, offset: Any, *bufs: Any) -> list[Any]:
+        caches = [_StaticCache(bufs[2 * i], bufs[2 * i + 1], offset) for i in range(layers)]
+        logits = model(token, cache=caches)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        out = [mx.argmax(logprobs, axis=-1)]
+        for c in caches:
+            out += [c.keys, c.values]
+        return out
+
+    fn = mx.compile(step) if compiled else step
+    offset = mx.array(len(prompt), mx.int32)
+    tokens = [first.item()]
+    out = fn(first.reshape(1, 1), offset, *bufs)
+    del bufs
+    mx.async_eval(out)
+    build = 0.0
+    start = time.perf_counter()
+    for i in range(n - 1):
+        token = out[0]
+        offset = offset + 1
+        t0 = time.perf_counter()
+        out = fn(token.reshape(1, 1), offset, *out[1:])
+        build += time.perf_counter() - t0
+        mx.async_eval(out)
+        tokens.append(token.item())
+        if i == 0:  # the first step traced (and compiled kernels): not timed
+            start = time.perf_counter()
+            build = 0.0
+    steps = max(1, n - 2)
+    return {
+        "decode_tps": round(steps / (time.perf_counter() - start), 1),
+        "build_ms": round(build / steps * 1e3, 3),
+        "tokens": tokens[:n],
+    }
+
+
+def static_rates(lm: Any, prompt: list[int], n: int, rounds: int = 2) -> list[dict[str, Any]]:
+    """``stream_generate`` against the static buffer, plain and compiled, in turn, greedy;
+    ``same``: the path's tokens equal ``stream_generate``'s."""
+    from mlx_lm import stream_generate
+
+    rows: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        reference: list[int] = []
+        start = 0.0
+        for i, r in enumerate(stream_generate(lm.model, lm.tokenizer, prompt, max_tokens=n)):
+            if i == 1:
+                start = time.perf_counter()
+            reference.append(r.token)
+        rows.append(
+            {
+                "path": "stream_generate",
+                "decode_tps": round((len(reference) - 2) / (time.perf_counter() - start), 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        for compiled in (False, True):
+            r = decode_static(lm, prompt, n, compiled)
+            tokens = r.pop("tokens")
+            rows.append(
+                {
+                    "path": "static compiled" if compiled else "static",
+                    **r,
+                    "same": tokens == reference[: len(tokens)],
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def prefill_curve(lm: Any, contexts: list[int], chunks: list[int]) -> list[dict[str, Any]]:
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
@@ -613,7 +732,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["decode", "breakdown", "batch", "ramp", "shapes", "prefill"],
+        choices=["decode", "breakdown", "batch", "ramp", "shapes", "static", "prefill"],
     )
     p.add_argument("--no-eos", action="store_true", help="forbid end-of-turn tokens")
     p.add_argument("--out", help="write the results as JSON here")
@@ -659,6 +778,8 @@ def main() -> int:
         out["ramp"] = ramps(lm, args.streams, args.step)
     if "shapes" not in args.skip:
         out["shapes"] = shape_costs(lm)
+    if "static" not in args.skip:
+        out["static"] = static_rates(lm, prompt, args.tokens)
     if "prefill" not in args.skip:
         out["prefill"] = prefill_curve(lm, args.contexts, args.chunks)
     if args.out:
