@@ -122,3 +122,20 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except (OSError, IndexError):
         return "gone"
+
+
+def test_inprocess_worker_that_cannot_load_is_a_clear_error(tmp_path: Path) -> None:
+    """The in-process reference's worker exits (a model that is not there): the bench gets a
+    BenchError naming the worker and its log, not a hang."""
+    from mlxd.bench.client import BenchError
+    from mlxd.bench.inprocess import InProcess
+
+    config = tmp_path / "mlxd.toml"
+    config.write_text(f'[model]\npath = "{tmp_path / "no-such-model"}"\n')
+    worker = InProcess(config, child_env(), tmp_path, warmups=1)
+    try:
+        with pytest.raises(BenchError, match="in-process worker exited"):
+            worker.wait_ready(START_TIMEOUT)
+    finally:
+        worker.stop()
+    assert worker.process.poll() is not None
