@@ -81,7 +81,7 @@ def inprocess_worker(spec_path: Path) -> int:
 
 
 class InProcess:
-    """The worker, asked for one generation at a time (the suites' :func:`generate`)."""
+    """The worker, asked for one generation at a time (:meth:`generate`) by the suites."""
 
     name = INPROCESS
 
