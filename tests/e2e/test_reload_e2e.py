@@ -176,6 +176,15 @@ def test_model_switch_rejections_and_sighup(
     resp = client.chat.completions.create(model="x", messages=PARIS, max_tokens=5)
     assert resp.model == "second-model"
     wait_event(d, "request.completed", mark)
+    # The file watcher saw the same save; whether it or the signal applied the new level,
+    # a save with nothing new is logged at debug: make one, and wait for a debug event.
+    mark = len(events(d))
+    write_config(d.config_path, second + '[logging]\nlevel = "debug"\n')
+    wait_until(
+        lambda: any(e["level"] == "debug" for e in events(d)[mark:]),
+        60,
+        "a debug-level event after the level changed",
+    )
 
     assert d.stop() == 0
     log = events(d)
