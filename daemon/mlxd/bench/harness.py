@@ -107,6 +107,14 @@ def spawn(
         )
 
 
+def log_tail(log: Path, n: int = 2000) -> str:
+    """The last ``n`` characters of a child's log ("" if it cannot be read)."""
+    try:
+        return log.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
 def terminate(
     proc: subprocess.Popen[bytes], timeout: float = 30.0, sig: int = signal.SIGTERM
 ) -> int | None:
@@ -140,10 +148,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return log_tail(self.log, n)
 
     def poll_ready(self) -> dict[str, Any] | None:
         """The /health body once ready, else None; raises if the process has exited."""

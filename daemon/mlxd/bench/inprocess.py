@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import CHECKOUT_ROOT, load_settings
 from .client import BenchError, StreamResult
-from .harness import spawn, terminate
+from .harness import log_tail, spawn, terminate
 from .results import INPROCESS, Results
 from .setupinfo import versions
 
@@ -109,7 +109,7 @@ class InProcess:
             )
             stdin.flush()
         except BrokenPipeError:
-            raise BenchError(f"the in-process worker exited:\n{self._tail()}") from None
+            raise BenchError(f"the in-process worker exited:\n{log_tail(self.log)}") from None
         r = self._read(timeout, "a generation")
         return StreamResult(
             ttft=r["ttft"],
@@ -149,18 +149,12 @@ class InProcess:
                     self.process.wait(10)
                     raise BenchError(
                         f"the in-process worker exited ({self.process.returncode}) during "
-                        f"{what}:\n{self._tail()}"
+                        f"{what}:\n{log_tail(self.log)}"
                     )
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         result: dict[str, Any] = json.loads(line)
         return result
-
-    def _tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
 
 
 def record_inprocess_setup(results: Results, info: dict[str, Any]) -> None:
