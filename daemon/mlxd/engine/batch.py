@@ -340,8 +340,7 @@ class BatchRunner:
             self._finish(job, "length")
 
     def _step_batch(self) -> None:
-        chunk = getattr(self._gen, "prefill_step_size", self.settings.prefill_step_size)
-        self._gen.prefill_batch_size = prompt_rows(self._gen, chunk)
+        self._gen.prefill_batch_size = prompt_rows(self._gen, self.settings.prefill_step_size)
         _, responses = self._gen.next()
         for r in responses:
             found = self._by_uid.get(r.uid)
