@@ -16,10 +16,12 @@ Runs on the CPU here and on the GPU machine (``bin/gpu-bench``), the same way:
   event onto the asyncio loop. The sum is larger than an unsynchronized step (which overlaps
   the device with the host); the shares are what matters.
 * ``batch``: aggregate decode tokens per second of N sequences decoding together (every N in
-  ``--streams``), steady state (all N past their prompts, none finished), on four paths: a
+  ``--streams``), steady state (all N past their prompts, none finished), on five paths: a
   bare loop (forward, greedy argmax, one step in flight, one host copy per step: the floor
-  for N rows), mlx-lm's ``BatchGenerator``, mlxd's ``BatchRunner`` (no event loop) and the
-  whole ``Engine`` from asyncio (events through the loop, no HTTP). End-of-turn tokens are
+  for N rows), mlx-lm's ``BatchGenerator``, the same with a lean step (no log-softmax, no
+  per-row split of the logprobs), mlxd's ``BatchRunner`` (no event loop; with the share of
+  its step spent inside the generator) and the whole ``Engine`` from asyncio (events through
+  the loop, no HTTP). End-of-turn tokens are
   taken out of the model's stop set, so no sequence ends early.
 * ``ramp``: a burst of N prompts (40-100 tokens each) reaching ``BatchRunner`` together:
   milliseconds and batch steps until every one of them has its first token, with mlxd's
