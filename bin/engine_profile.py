@@ -468,20 +468,36 @@ def batch_engine(model: str | None, n: int, length: int, steps: int) -> float:
 
 
 def batch_rates(
-    lm: Any, model: str | None, streams: list[int], length: int, steps: int
+    lm: Any, model: str | None, streams: list[int], length: int, steps: int, rounds: int = 2
 ) -> list[dict[str, Any]]:
+    """Per stream count: each in-process path ``rounds`` times, the paths asked in turn (the
+    first one rotates each round, so a drifting host favours none); medians and every run."""
+    import statistics
+
     rows = []
     for n in streams:
+        share: list[float] = []
+
+        def runner(n: int = n, share: list[float] = share) -> float:
+            rate, inner = batch_runner(lm, n, length, steps)
+            share.append(inner)
+            return rate
+
+        paths = [
+            ("floor", lambda n=n: batch_floor(lm, n, length, steps)),
+            ("batch_generator", lambda n=n: batch_generator(lm, n, length, steps)),
+            ("lean_generator", lambda n=n: batch_generator(lm, n, length, steps, lean=True)),
+            ("mlxd_runner", runner),
+        ]
+        runs: dict[str, list[float]] = {name: [] for name, _ in paths}
+        for r in range(rounds):
+            for name, fn in paths[r % len(paths) :] + paths[: r % len(paths)]:
+                runs[name].append(round(fn(), 1))
         row: dict[str, Any] = {"streams": n}
-        for name, fn, kw in (
-            ("floor", batch_floor, {}),
-            ("batch_generator", batch_generator, {}),
-            ("lean_generator", batch_generator, {"lean": True}),
-        ):
-            row[name] = round(max(fn(lm, n, length, steps, **kw) for _ in range(2)), 1)
-        rate, share = max(batch_runner(lm, n, length, steps) for _ in range(2))
-        row["mlxd_runner"] = round(rate, 1)
-        row["runner_share_in_generator"] = round(share, 3)
+        for name, values in runs.items():
+            row[name] = round(statistics.median(values), 1)
+            row[f"{name}_runs"] = values
+        row["runner_share_in_generator"] = round(statistics.median(share), 3)
         row["mlxd_engine"] = round(batch_engine(model, n, length, steps), 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -731,6 +747,9 @@ def main() -> int:
     p.add_argument("--streams", type=int, nargs="*", default=[1, 8, 32, 64, 128])
     p.add_argument("--batch-steps", type=int, default=100, help="steps timed per batch run")
     p.add_argument(
+        "--batch-rounds", type=int, default=2, help="runs of each batch path, asked in turn"
+    )
+    p.add_argument(
         "--skip",
         nargs="*",
         default=[],
@@ -775,7 +794,9 @@ def main() -> int:
         out["breakdown_ms"] = breakdown(lm, prompt, min(args.tokens, 100))
         print("breakdown", json.dumps(out["breakdown_ms"]), flush=True)
     if "batch" not in args.skip:
-        out["batch"] = batch_rates(lm, args.model, args.streams, 64, args.batch_steps)
+        out["batch"] = batch_rates(
+            lm, args.model, args.streams, 64, args.batch_steps, args.batch_rounds
+        )
     if "ramp" not in args.skip:
         out["ramp"] = ramps(lm, args.streams, args.step)
     if "shapes" not in args.skip:

@@ -127,19 +127,30 @@ def _budget_problem(settings: Settings) -> str | None:
 def _memory_plan(settings: Settings) -> dict[str, object]:
     """The budget and each model's estimate, as check-config prints them."""
     from .backend import device_info
-    from .models.memory import budget, estimate
+    from .models.memory import budget, plan
     from .models.registry import model_table
 
     info = device_info()
-    models: dict[str, object] = {}
-    for entry_id, entry in model_table(settings).items():
-        est = estimate(entry, settings.engine, info["device"])
-        models[entry_id] = (
-            None
-            if est is None
-            else {"weights_bytes": est.weights_bytes, "kv_bytes": est.kv_bytes, "total": est.total}
-        )
-    return {"budget_bytes": budget(settings, info["device"], info["backend"]), "models": models}
+    limit = budget(settings, info["device"], info["backend"])
+    planned = plan(
+        model_table(settings),
+        settings.engine.max_batch_size,
+        info["device"],
+        info["backend"],
+        limit,
+    )
+    models = {
+        entry_id: None
+        if est is None
+        else {
+            "weights_bytes": est.weights_bytes,
+            "kv_bytes": est.kv_bytes,
+            "total": est.total,
+            "max_batch_size": est.slots,
+        }
+        for entry_id, est in planned.items()
+    }
+    return {"budget_bytes": limit, "models": models}
 
 
 def _check_config(settings: Settings, path: Path | None) -> int:

@@ -24,7 +24,7 @@ import sys
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -263,8 +263,12 @@ class ModelSettings(_Section):
 class EngineSettings(_Section):
     """[engine]: the MLX thread: batching, caches, backend tuning."""
 
-    max_batch_size: int = Field(
-        8, ge=1, le=256, description="Most sequences decoded together (continuous batching)."
+    max_batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Most sequences decoded together per model (continuous batching): a number "
+        "from 1 to 256, or 'auto': as many as fit at the model's full context in the memory "
+        "budget left after its weights (pinned models split it), at most 8 on the CPU and on "
+        "Apple GPUs and 64 on CUDA.",
     )
     max_queue: int = Field(
         64,

@@ -308,6 +308,70 @@ preload = false
     assert d.stop() == 0
 
 
+def test_auto_batch_slots_follow_the_budget(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """``max_batch_size = "auto"`` (the default) under a budget that holds the model's
+    weights and 2.5 sequences at its context: check-config plans 2 slots where a fixed 8 does
+    not fit, the daemon loads the model with 2 (/health, the ``model.loaded`` event), and three
+    concurrent streams run at most two at a time, all to the end."""
+    from conftest import run_mlxd
+    from mlxd.config import load_settings
+    from mlxd.models.memory import estimate
+    from mlxd.models.registry import model_table
+
+    text = f"""[engine]
+warmup = false
+
+[models.smol]
+{BUNDLED}
+dtype = "float32"
+context_length = 2048
+"""
+    probe = tmp_path / "probe.toml"
+    probe.write_text(text)
+    settings = load_settings(probe)
+    alone = estimate(model_table(settings)["smol"], settings.engine, "cpu", "cpu")
+    assert alone is not None and alone.slots == 8
+    per = alone.kv_bytes // 8
+    budget = alone.weights_bytes + per * 5 // 2
+    text = text.replace("warmup = false", f"warmup = false\nmemory_budget_bytes = {budget}")
+    for setting, slots in (("", 2), ("max_batch_size = 8\n", 8)):
+        probe.write_text(text.replace("[models.smol]", setting + "\n[models.smol]"))
+        plan = json.loads(run_mlxd("--config", str(probe), "check-config").stdout)
+        planned = plan["memory"]["models"]["smol"]
+        assert planned["max_batch_size"] == slots
+        assert (planned["total"] <= budget) == (slots == 2), planned
+
+    d = start_daemon(text)
+    assert health_models(d)["smol"]["max_batch_size"] == 2
+    loaded = [e for e in events(d) if e.get("event") == "model.loaded"]
+    assert loaded and loaded[-1]["max_batch_size"] == 2
+    client = d.client(timeout=120.0)
+    busiest = [0]
+    done: list[str | None] = []
+
+    def stream() -> None:
+        final = None
+        for chunk in client.chat.completions.create(
+            model="smol", messages=STORY, max_tokens=32, temperature=0, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].finish_reason:
+                final = chunk.choices[0].finish_reason
+        done.append(final)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(stream) for _ in range(3)]
+        while not all(r.done() for r in runs):
+            busiest[0] = max(busiest[0], health_models(d)["smol"]["active"])
+            time.sleep(0.05)
+        for r in runs:
+            r.result()
+    assert done == ["length"] * 3
+    assert busiest[0] == 2  # two at a time: the third waited for a slot
+    assert d.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

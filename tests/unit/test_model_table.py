@@ -11,7 +11,7 @@ import pytest
 from conftest import run_mlxd
 from mlxd.config import ConfigError, Settings, load_settings
 from mlxd.errors import NotFound
-from mlxd.models.memory import estimate, pinned_problem
+from mlxd.models.memory import AUTO_SLOTS, batch_slots, estimate, pinned_problem, plan
 from mlxd.models.registry import Router, model_table
 
 BUNDLED = 'path = "bundled:SmolLM2-135M-Instruct"'
@@ -108,6 +108,62 @@ def test_estimate_counts_weights_in_the_served_dtype_and_kv_for_batch_and_contex
     short = table["big"].model_copy(update={"context_length": 1024})
     est_short = estimate(short, s.engine, "cpu")
     assert est_short is not None and est_short.kv_bytes * 8 == big.kv_bytes
+
+
+def test_auto_batch_slots_per_backend_and_room() -> None:
+    """'auto': the backend's most (8 CPU and Metal, 64 CUDA) when the room holds them, else
+    as many sequences as fit, never fewer than 1; a number is kept as it is."""
+    assert AUTO_SLOTS == {"cpu": 8, "metal": 8, "cuda": 64}
+    per = 100
+    assert batch_slots("auto", "cpu", 10_000, per) == 8
+    assert batch_slots("auto", "metal", 10_000, per) == 8
+    assert batch_slots("auto", "cuda", 10_000, per) == 64
+    assert batch_slots("auto", "cuda", 2_599, per) == 25
+    assert batch_slots("auto", "cpu", 50, per) == 1
+    assert batch_slots("auto", "cpu", -5, per) == 1
+    assert batch_slots("auto", "cuda", None, per) == 64  # budget unknown
+    assert batch_slots(3, "cuda", 10_000, per) == 3
+    assert batch_slots(200, "cpu", 50, per) == 200  # a number is the user's call
+
+
+def test_plan_sizes_slots_from_the_budget_pinned_models_share_it(tmp_path: Path) -> None:
+    """With 'auto' the batch slots follow the budget: a roomy budget gives the backend's
+    most; a tight one fewer (the model still fits instead of being refused); pinned models
+    split what their weights leave, so they always fit together; an on-demand model gets
+    what the pinned ones leave. Estimates come from the real model files."""
+    s = settings_from(tmp_path, TWO)
+    table = model_table(s)
+    alone = {i: estimate(e, s.engine, "cpu", "cpu", room=None) for i, e in table.items()}
+    small, big = alone["small"], alone["big"]
+    assert small is not None and big is not None and small.slots == 8
+    per_small, per_big = small.kv_bytes // 8, big.kv_bytes // 8
+    roomy = 10 * (small.total + big.total)
+    on_cuda = plan(table, "auto", "gpu", "cuda", 100 * roomy)
+    assert {i: e.slots for i, e in on_cuda.items() if e} == {"small": 64, "big": 64}
+    assert {i: e.slots for i, e in plan(table, "auto", "cpu", "cpu", roomy).items() if e} == {
+        "small": 8,
+        "big": 8,
+    }
+    # Tight: the float32 model's weights plus 3.5 sequences' KV.
+    tight = plan(table, "auto", "cpu", "cpu", big.weights_bytes + per_big * 7 // 2)
+    got = tight["big"]
+    assert got is not None and got.slots == 3 and got.kv_bytes == 3 * per_big
+    assert plan(table, 8, "cpu", "cpu", 1)["big"].slots == 8  # type: ignore[union-attr]
+    # Both pinned: equal shares of the budget their weights leave, so together they fit.
+    both = {i: e.model_copy(update={"pinned": True}) for i, e in table.items()}
+    assert per_big == 2 * per_small  # float32 KV against bfloat16
+    limit = small.weights_bytes + big.weights_bytes + 6 * per_big
+    shared = plan(both, "auto", "cpu", "cpu", limit)
+    assert sum(e.total for e in shared.values() if e) <= limit
+    assert [e.slots for e in shared.values() if e] == [6, 3]  # 3 float32 sequences' KV each
+    # Only "small" pinned: "big" gets the budget the pinned one leaves.
+    one = {**table, "small": both["small"]}
+    left = plan(one, "auto", "cpu", "cpu", small.total + big.weights_bytes + 2 * per_big)
+    assert left["small"] is not None and left["small"].slots == 8
+    assert left["big"] is not None and left["big"].slots == 2
+    # A model whose files are not here yet has no estimate (it is counted once loaded).
+    missing = {"hub": table["big"].model_copy(update={"path": "nobody/not-downloaded-7b"})}
+    assert plan(missing, "auto", "cpu", "cpu", roomy) == {"hub": None}
 
 
 def test_pinned_model_larger_than_budget_is_a_problem(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ def health_model(m: ModelStatus, now: float) -> dict[str, Any]:
         "keep_alive": m.keep_alive,
         "memory_bytes": m.memory_bytes,
         "estimate_bytes": m.estimate_bytes,
+        "max_batch_size": m.max_batch_size,
         "last_used": _iso(m.last_used),
         "idle_seconds": round(now - m.last_used, 1) if m.last_used else None,
         "loaded_at": _iso(m.loaded_at),

@@ -107,6 +107,8 @@ class BatchRunner:
 
         self.lm = lm
         self.settings = settings
+        #: Most sequences decoded together.
+        self.slots = batch_size(settings)
         self.prompt_cache = prompt_cache
         #: Serving across a process group (:mod:`.distributed`): rank 0 broadcasts each
         #: operation before it runs it; the followers' runners get them from there.
@@ -130,7 +132,7 @@ class BatchRunner:
 
     @property
     def free_slots(self) -> int:
-        return self.settings.max_batch_size - len(self.active)
+        return self.slots - len(self.active)
 
     @property
     def solo(self) -> bool:
@@ -550,6 +552,18 @@ def keep_leading_space(detokenizer: Any) -> None:
         detokenizer._maybe_trim_space = lambda text: text
 
 
+def batch_size(settings: EngineSettings) -> int:
+    """``settings.max_batch_size`` as a number. The engine resolves ``auto`` per model before
+    it builds a runner (:func:`mlxd.models.memory.plan`); settings that still say ``auto``
+    (profiles, tests) get the backend's most."""
+    if isinstance(settings.max_batch_size, int):
+        return settings.max_batch_size
+    from .. import backend
+    from ..models.memory import AUTO_SLOTS
+
+    return AUTO_SLOTS.get(backend.device_info()["backend"], AUTO_SLOTS["cpu"])
+
+
 def make_generator(
     lm: LoadedModel, settings: EngineSettings, sampler: Any, *, same_stream: bool = False
 ) -> Any:
@@ -568,8 +582,8 @@ def make_generator(
         max_tokens=lm.context_length,
         stop_tokens=eos,
         sampler=sampler,
-        completion_batch_size=settings.max_batch_size,
-        prefill_batch_size=min(settings.max_batch_size, PREFILL_CHUNKS_PER_STEP),
+        completion_batch_size=batch_size(settings),
+        prefill_batch_size=min(batch_size(settings), PREFILL_CHUNKS_PER_STEP),
         prefill_step_size=settings.prefill_step_size,
         stream=mx.default_stream(mx.default_device()) if same_stream else None,
     )
@@ -595,7 +609,7 @@ def warm_up(lm: LoadedModel, settings: EngineSettings, temperature: float, top_p
     start = time.perf_counter()
     gen = make_generator(lm, settings, greedy_sampler)
     vocab = int(lm.config.get("vocab_size", 1000))
-    n = settings.max_batch_size
+    n = batch_size(settings)
     rounds: list[list[list[int]]] = [[list(range(1, 9))]]
     if mx.default_device().type == mx.gpu:  # on the CPU nothing is compiled per shape
         rounds.append([list(range(1, settings.prefill_step_size + 38))])

@@ -59,7 +59,7 @@ from ..errors import (
     Overloaded,
 )
 from ..logs import get_logger
-from .batch import BatchRunner, Job, make_sampler, warm_up
+from .batch import BatchRunner, Job, batch_size, make_sampler, warm_up
 from .diskcache import DiskCache, DiskView, model_identity
 from .distributed import IDLE_TICK, Group, Watchdog, kv_weight
 from .embed import EmbedTask
@@ -119,20 +119,26 @@ class Residency:
     entries: dict[str, ModelSettings]
     default_id: str
     budget_bytes: int = 0
+    #: ``engine.max_batch_size``: a number, or "auto" (resolved per model by memory.plan).
+    max_batch_size: int | str = "auto"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Residency:
         from ..models.registry import Router
 
         router = Router.from_settings(settings)
-        return cls(router.entries, router.default_id, settings.engine.memory_budget_bytes)
+        engine = settings.engine
+        return cls(
+            router.entries, router.default_id, engine.memory_budget_bytes, engine.max_batch_size
+        )
 
     @classmethod
-    def single(cls, entry: ModelSettings) -> Residency:
+    def single(cls, entry: ModelSettings, max_batch_size: int | str = "auto") -> Residency:
         from ..models.registry import derived_id
 
         entry_id = entry.id or derived_id(entry.path)
-        return cls({entry_id: entry.model_copy(update={"id": entry_id})}, entry_id)
+        entries = {entry_id: entry.model_copy(update={"id": entry_id})}
+        return cls(entries, entry_id, max_batch_size=max_batch_size)
 
 
 class Engine:
@@ -149,10 +155,12 @@ class Engine:
     ) -> None:
         #: Rank 0 of a process group serving one sharded model (:mod:`.distributed`), or None.
         self.group = group
-        self._handles: weakref.WeakValueDictionary[int, JobHandle] = (
-            weakref.WeakValueDictionary()
+        self._handles: weakref.WeakValueDictionary[int, JobHandle] = weakref.WeakValueDictionary()
+        self._residency = (
+            models
+            if isinstance(models, Residency)
+            else Residency.single(models, engine_settings.max_batch_size)
         )
-        self._residency = models if isinstance(models, Residency) else Residency.single(models)
         self._state_dir = state_dir
         #: The event loop's copy (the queue bound is checked there); the thread gets its own
         #: through the inbox.
@@ -643,8 +651,6 @@ class Engine:
     # -- the table ------------------------------------------------------------------------
     def _apply(self, residency: Residency) -> None:
         """Add, change and retire slots to match ``residency`` (see the module docstring)."""
-        from ..models.memory import estimate
-
         if self.group is not None:  # one model, loaded with the group and kept
             entry = residency.entries[residency.default_id]
             kept = entry.model_copy(update={"preload": True, "keep_alive": 0, "pinned": True})
@@ -664,7 +670,7 @@ class Engine:
                     slot.removed = False
                     slot.entry = entry
                     continue
-                slot = Slot(entry, estimate=estimate(entry, self._tuning, self._device["device"]))
+                slot = Slot(entry)
                 self._slots[entry_id] = slot
                 if entry.preload and self._state == "ready":
                     self._want(slot)
@@ -674,7 +680,6 @@ class Engine:
                 slot.keep_alive = entry.keep_alive
             slot.entry = entry
             if reload:
-                slot.estimate = estimate(entry, self._tuning, self._device["device"])
                 slot.weights_bytes = None
                 slot.generation += 1
                 if slot.state == "loaded":
@@ -689,6 +694,28 @@ class Engine:
             **{i: self._slots[i] for i in residency.entries},
             **{i: s for i, s in self._slots.items() if i not in residency.entries},
         }
+        self._plan()
+
+    def _plan(self, also: Slot | None = None) -> None:
+        """Each model's memory estimate and batch slots, from the table and the budget
+        (:func:`mlxd.models.memory.plan`). A model that is loaded or loading keeps the ones
+        its runner is built with until it loads again, unless it is ``also``."""
+        from ..models.memory import default_backend, plan
+
+        device = self._device.get("device", "cpu")
+        backend_name = self._device.get("backend") or default_backend(device)
+        entries = {s.id: s.entry for s in self._slots.values() if not s.removed}
+        planned = plan(entries, self._residency.max_batch_size, device, backend_name, self._budget)
+        for slot_id, est in planned.items():
+            slot = self._slots[slot_id]
+            if slot is also or slot.state not in ("loaded", "loading"):
+                slot.estimate = est
+
+    def _tuned(self, slot: Slot) -> EngineSettings:
+        """The engine settings with ``max_batch_size`` resolved to ``slot``'s batch slots."""
+        est = slot.estimate
+        slots = est.slots if est is not None else batch_size(self._tuning)
+        return self._tuning.model_copy(update={"max_batch_size": slots})
 
     def _reload(self, settings: ModelSettings, fut: Future[LoadedModel]) -> None:
         entry_id = settings.id or self._default_id
@@ -858,7 +885,7 @@ class Engine:
             return
         slot.runner.fail_all(error)
         slot.runner.close()
-        slot.runner = BatchRunner(slot.lm, self._tuning, slot.prompt_cache)
+        slot.runner = BatchRunner(slot.lm, self._tuned(slot), slot.prompt_cache)
 
     # -- loading and unloading ----------------------------------------------------------------
     def _load(self, slot: Slot, *, preload: bool = False) -> None:
@@ -868,6 +895,7 @@ class Engine:
         if broken is not None:
             self._fail_waiting(slot, broken)
             return
+        self._plan(also=slot)
         chosen = choose_victims(self._slots, slot, self._budget)
         if chosen is None:
             msg = (
@@ -888,16 +916,21 @@ class Engine:
             path=slot.entry.path,
             estimate_bytes=slot.cost(),
             budget_bytes=self._budget,
+            max_batch_size=self._tuned(slot).max_batch_size,
             preload=preload,
         )
         try:
             if self.group is not None:  # every rank loads its shard of the same entry
-                self.group.send(("load", slot.entry.model_dump()))
+                slots = self._tuned(slot).max_batch_size
+                self.group.send(("load", slot.entry.model_dump(), slots))
                 lm = loader.load(slot.entry, group=self.group)
                 warm = 0.0  # warm-up would step without the followers
             else:
                 lm = loader.load(slot.entry)
-                warm = warm_up(lm, self._tuning, slot.entry.temperature, slot.entry.top_p)
+                if slot.estimate is None:  # its files are here now
+                    self._plan(also=slot)
+                tuned = self._tuned(slot)
+                warm = warm_up(lm, tuned, slot.entry.temperature, slot.entry.top_p)
         except (ModelLoadError, MemoryError) as exc:
             self._load_failed(slot, str(exc), log_exc=False)
             return
@@ -913,7 +946,7 @@ class Engine:
         slot.prompt_cache.disk = self._disk_view(lm)
         if self.group is not None:
             slot.prompt_cache.weigh = kv_weight(lm.config)
-        slot.runner = BatchRunner(lm, self._tuning, slot.prompt_cache, self.group)
+        slot.runner = BatchRunner(lm, self._tuned(slot), slot.prompt_cache, self.group)
         slot.state = "loaded"
         slot.error = None
         slot.stale = False
@@ -926,6 +959,7 @@ class Engine:
             **lm.describe(),
             warmup_seconds=round(warm, 3),
             weights_bytes=slot.weights_bytes,
+            max_batch_size=slot.runner.slots,
             **memory_now(),
             **self._device,
         )

@@ -41,7 +41,8 @@ def follow(group: Group, engine_settings: Any) -> int:
                 lm = load(entry, group=group)
                 cache = PromptCache(tuning.prompt_cache_bytes)
                 cache.weigh = kv_weight(lm.config)
-                runner = BatchRunner(lm, tuning, cache, group=group)
+                slots = tuning.model_copy(update={"max_batch_size": op[2]})  # rank 0's
+                runner = BatchRunner(lm, slots, cache, group=group)
                 log.info("distributed.loaded", rank=group.rank, **lm.describe())
                 continue
             if kind == "retune":

@@ -46,6 +46,7 @@ class ModelStatus:
     default: bool = False
     memory_bytes: int = 0  # weights measured after load (0 when not loaded)
     estimate_bytes: int | None = None  # weights + KV as budgeted
+    max_batch_size: int | None = None  # batch slots: the runner's, else as budgeted
     last_used: float | None = None  # wall-clock time of the last request
     loaded_at: float | None = None
     load_seconds: float | None = None
@@ -119,6 +120,13 @@ class Slot:
             default=self.id == default_id,
             memory_bytes=self.weights_bytes or 0 if self.state == "loaded" else 0,
             estimate_bytes=self.cost() or None,
+            max_batch_size=(
+                self.runner.slots
+                if self.runner is not None
+                else self.estimate.slots
+                if self.estimate is not None
+                else None
+            ),
             last_used=self.last_used_wall,
             loaded_at=self.loaded_at if self.state == "loaded" else None,
             load_seconds=self.load_seconds,

@@ -3,10 +3,26 @@
 The estimate is read from the files without loading anything (milliseconds): weights from
 the GGUF header's element counts or the safetensors file sizes, scaled to the dtype the
 loader will serve (:mod:`mlxd.engine.loader` decides: ``auto`` dequantizes small quantized
-models to float32 on the CPU); KV cache for ``engine.max_batch_size`` sequences of the
+models to float32 on the CPU); KV cache for the model's batch slots, each a sequence of the
 entry's context length (keys and values, every layer, every KV head). KV memory in mlx-lm
 grows as sequences grow, so this is the most it can reach, which is what a budget must hold.
 Once a model has been loaded, the engine uses its measured weight bytes instead.
+
+Batch slots (:func:`plan`): ``engine.max_batch_size`` when it is a number. ``auto`` gives each
+model as many sequences at full context as fit in its room, at least 1 and at most
+:data:`AUTO_SLOTS` for the backend: 8 on the CPU (the forward is compute-bound, more rows only
+queue inside the step) and on Apple GPUs (unified memory: every slot's KV comes out of the
+memory the weights and the system use), 64 on CUDA (aggregate decode still grows past 32
+streams there; docs/engine.md, "Batch sizes per backend"). The room, fixed by the table and
+not by what happens to be loaded:
+
+* pinned models (always resident together) split the budget left after all their weights
+  equally;
+* any other model gets the budget left after the pinned models' weights and KV, less its own
+  weights (the other on-demand models are evicted for it when they do not fit beside it).
+
+So the pinned models fit together whenever one sequence each does, a model whose KV for 8
+sequences would not fit still loads with fewer, and a datacenter GPU batches 64.
 
 The budget (``engine.memory_budget_bytes``; 0 derives it per platform):
 
@@ -21,6 +37,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +56,18 @@ CUDA_BUDGET_SHARE = 0.90
 GiB = 1024**3
 
 
+#: ``engine.max_batch_size = "auto"``: the most batch slots per backend (module docstring).
+AUTO_SLOTS = {"cpu": 8, "metal": 8, "cuda": 64}
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a model needs resident: its weights plus the most its KV cache can reach."""
+    """Bytes a model needs resident: its weights plus the most its KV cache can reach, for
+    ``slots`` sequences decoded together."""
 
     weights_bytes: int
     kv_bytes: int
+    slots: int = 1
 
     @property
     def total(self) -> int:
@@ -75,9 +99,71 @@ def budget(settings: Settings, device: str, backend_name: str) -> int:
     return settings.engine.memory_budget_bytes or default_budget(device, backend_name)
 
 
-def estimate(entry: ModelSettings, engine: EngineSettings, device: str) -> MemoryEstimate | None:
-    """The estimate for ``entry`` on ``device`` ("cpu"/"gpu"), or None when its files are not
-    here yet (a Hugging Face repo that is not downloaded: it is counted once loaded)."""
+def batch_slots(max_batch_size: int | str, backend_name: str, room: int | None, per: int) -> int:
+    """Sequences decoded together: ``max_batch_size`` when it is a number; for ``auto``, as
+    many sequences of ``per`` KV bytes as ``room`` bytes hold (None: unknown), 1 to the
+    backend's most (module docstring)."""
+    if isinstance(max_batch_size, int):
+        return max_batch_size
+    most = AUTO_SLOTS.get(backend_name, AUTO_SLOTS["cpu"])
+    if room is None or per <= 0:
+        return most
+    return max(1, min(most, room // per))
+
+
+def default_backend(device: str) -> str:
+    """The backend of ``device`` when it is not known better: "cpu", or the GPU's."""
+    return "cpu" if device == "cpu" else "metal" if sys.platform == "darwin" else "cuda"
+
+
+def estimate(
+    entry: ModelSettings,
+    engine: EngineSettings,
+    device: str,
+    backend_name: str | None = None,
+    room: int | None = None,
+) -> MemoryEstimate | None:
+    """The estimate for ``entry`` on ``device`` ("cpu"/"gpu") alone, with ``room`` bytes
+    for its KV cache (None: unknown, so ``auto`` gives the backend's most), or None when its
+    files are not here yet (a Hugging Face repo that is not downloaded: it is counted once
+    loaded). :func:`plan` estimates a whole table under a budget."""
+    sizes = _sizes(entry, device)
+    if sizes is None:
+        return None
+    weights, per = sizes
+    backend_name = backend_name or default_backend(device)
+    slots = batch_slots(engine.max_batch_size, backend_name, room, per)
+    return MemoryEstimate(weights, per * slots, slots)
+
+
+def plan(
+    entries: Mapping[str, ModelSettings],
+    max_batch_size: int | str,
+    device: str,
+    backend_name: str,
+    limit: int,
+) -> dict[str, MemoryEstimate | None]:
+    """Every entry's estimate under a budget of ``limit`` bytes, batch slots by the rule in
+    the module docstring (None for an entry whose files are not here yet)."""
+    known = {i: s for i, e in entries.items() if (s := _sizes(e, device)) is not None}
+    pinned = [i for i in known if entries[i].pinned]
+    out: dict[str, MemoryEstimate] = {}
+    share = (limit - sum(known[i][0] for i in pinned)) // max(1, len(pinned))
+    for i in pinned:
+        weights, per = known[i]
+        slots = batch_slots(max_batch_size, backend_name, share, per)
+        out[i] = MemoryEstimate(weights, per * slots, slots)
+    held = sum(e.total for e in out.values())
+    for i, (weights, per) in known.items():
+        if i not in out:
+            slots = batch_slots(max_batch_size, backend_name, limit - held - weights, per)
+            out[i] = MemoryEstimate(weights, per * slots, slots)
+    return {i: out.get(i) for i in entries}
+
+
+def _sizes(entry: ModelSettings, device: str) -> tuple[int, int] | None:
+    """(weights bytes as served, KV bytes of one sequence at the entry's context), or None
+    when the files are not here."""
     from .source import resolve
 
     try:
@@ -91,8 +177,7 @@ def estimate(entry: ModelSettings, engine: EngineSettings, device: str) -> Memor
     layers, kv_heads, head_dim, model_context, per = shape
     context = entry.context_length or model_context
     per_value = 4 if per == 4 else 2  # activations (and so KV) follow float32 weights
-    kv = 2 * layers * kv_heads * head_dim * per_value * context * engine.max_batch_size
-    return MemoryEstimate(weights, kv)
+    return weights, 2 * layers * kv_heads * head_dim * per_value * context
 
 
 def _target_bytes(dtype: str, device: str, float32_bytes: int) -> int | None:
@@ -148,17 +233,15 @@ def pinned_problem(settings: Settings, device: str, backend_name: str) -> str | 
     from .registry import model_table
 
     limit = budget(settings, device, backend_name)
-    pinned: list[tuple[str, MemoryEstimate]] = []
-    for entry_id, entry in model_table(settings).items():
-        if entry.pinned:
-            est = estimate(entry, settings.engine, device)
-            if est is not None:
-                pinned.append((entry_id, est))
+    table = model_table(settings)
+    planned = plan(table, settings.engine.max_batch_size, device, backend_name, limit)
+    pinned = [(i, est) for i, est in planned.items() if table[i].pinned and est is not None]
     need = sum(e.total for _, e in pinned)
     if need <= limit:
         return None
     parts = ", ".join(
-        f"models.{i} ~{_mib(e.total)} (weights {_mib(e.weights_bytes)} + KV {_mib(e.kv_bytes)})"
+        f"models.{i} ~{_mib(e.total)} (weights {_mib(e.weights_bytes)} + KV {_mib(e.kv_bytes)} "
+        f"for {e.slots} sequence{'s' if e.slots != 1 else ''})"
         for i, e in pinned
     )
     return (
