@@ -25,6 +25,7 @@ Per model (the ``model`` label is the configured id that answered):
     mlxd_model_state{model,state}              gauge = 1 for the model's state
     mlxd_model_memory_bytes{model}             gauge, measured weights of a loaded model
     mlxd_model_active_sequences{model}         gauge
+    mlxd_model_batch_slots{model}              gauge, sequences the model decodes together at most
     mlxd_memory_budget_bytes / mlxd_memory_used_bytes   gauges, engine.memory_budget_bytes
 """
 
@@ -123,13 +124,21 @@ class _EngineCollector(Collector):
         active = GaugeMetricFamily(
             "mlxd_model_active_sequences", "Sequences being decoded, per model.", labels=["model"]
         )
+        slots = GaugeMetricFamily(
+            "mlxd_model_batch_slots",
+            "Most sequences a model decodes together (engine.max_batch_size, resolved).",
+            labels=["model"],
+        )
         for m in models:
             state.add_metric([m.id, m.state], 1.0)
             memory.add_metric([m.id], float(m.memory_bytes))
             active.add_metric([m.id], float(m.active))
+            if m.max_batch_size is not None:
+                slots.add_metric([m.id], float(m.max_batch_size))
         yield state
         yield memory
         yield active
+        yield slots
         yield from _group_metrics(engine)
         status = engine.status()
         yield GaugeMetricFamily(

@@ -57,6 +57,9 @@ def render(
         else:
             until = _duration(max(keep - float(idle or 0), 0.0))
         flags = ",".join(f for f in ("pinned", "default") if m.get(f))
+        work = str(int(m.get("active", 0)) + int(m.get("queued", 0)))
+        if m.get("max_batch_size"):  # requests against the batch slots: 10/8 is 2 waiting
+            work += f"/{m['max_batch_size']}"
         rows.append(
             (
                 str(m.get("id", "")),
@@ -64,7 +67,7 @@ def render(
                 _size(m.get("memory_bytes")) if m.get("state") == "loaded" else "-",
                 _duration(idle) if idle is not None and m.get("state") == "loaded" else "-",
                 until,
-                str(int(m.get("active", 0)) + int(m.get("queued", 0))),
+                work,
                 flags or "-",
             )
         )

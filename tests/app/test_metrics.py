@@ -56,7 +56,13 @@ class FakeEngine:
             return (ModelStatus("fake-model", "unloaded", pinned=False, keep_alive=0.0),)
         return (
             ModelStatus(
-                "fake-model", "loaded", pinned=False, keep_alive=0.0, memory_bytes=1000, active=2
+                "fake-model",
+                "loaded",
+                pinned=False,
+                keep_alive=0.0,
+                memory_bytes=1000,
+                active=2,
+                max_batch_size=8,
             ),
         )
 
@@ -104,6 +110,7 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     assert value(text, "mlxd_model_state", model="fake-model", state="loaded") == 1
     assert value(text, "mlxd_model_memory_bytes", model="fake-model") == 1000
     assert value(text, "mlxd_model_active_sequences", model="fake-model") == 2
+    assert value(text, "mlxd_model_batch_slots", model="fake-model") == 8
     assert value(text, "mlxd_memory_budget_bytes") == 5000
     engine.current, engine.state, engine.depth = None, "failed", 0
     text = metrics.render()[0].decode()

@@ -345,6 +345,8 @@ context_length = 2048
 
     d = start_daemon(text)
     assert health_models(d)["smol"]["max_batch_size"] == 2
+    with d.http() as http:
+        assert 'mlxd_model_batch_slots{model="smol"} 2.0' in http.get("/metrics").text
     loaded = [e for e in events(d) if e.get("event") == "model.loaded"]
     assert loaded and loaded[-1]["max_batch_size"] == 2
     client = d.client(timeout=120.0)

@@ -234,6 +234,7 @@ def test_ps_table_lists_loaded_models_first_with_memory_and_idle_time() -> None:
                 "default": True,
                 "active": 1,
                 "queued": 0,
+                "max_batch_size": 8,
             },
         ],
         {"used_bytes": 600_000_000, "budget_bytes": 8_000_000_000},
@@ -247,7 +248,7 @@ def test_ps_table_lists_loaded_models_first_with_memory_and_idle_time() -> None:
         "MB",
         "1m15s",
         "3m45s",
-        "1",
+        "1/8",
         "pinned,default",
     ]
     assert lines[2].split()[:2] == ["b", "unloaded"]
