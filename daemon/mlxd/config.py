@@ -266,9 +266,10 @@ class EngineSettings(_Section):
     max_batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
         "auto",
         description="Most sequences decoded together per model (continuous batching): a number "
-        "from 1 to 256, or 'auto': as many as fit at the model's full context in the memory "
-        "budget left after its weights (pinned models split it), at most 8 on the CPU and on "
-        "Apple GPUs and 64 on CUDA.",
+        "from 1 to 256, or 'auto': as many as fit at the model's full context in its share of the "
+        "memory budget (the configured models split it), at most 8 on the CPU and on Apple "
+        "GPUs and 64 on CUDA. A loaded model is resized once idle when this or the budget "
+        "changes.",
     )
     max_queue: int = Field(
         64,

@@ -20,8 +20,10 @@ writing a temporary file and renaming it over the original) and SIGHUP (also re-
      and the old one keeps serving.
    * everything else swaps the frozen settings tree that routes read per request (generation
      defaults, CORS, allowed hosts, API keys, conversation TTL/sweep interval, limits);
-     ``[engine]`` goes to ``Engine.retune`` (batch size and prefill step apply from the next
-     model load); ``[logging]`` re-levels or re-opens the log.
+     ``[engine]`` goes to ``Engine.retune`` (prefill step and warm-up apply from the next
+     model load; ``max_batch_size`` and the budget reach the engine with the model table,
+     which resizes a loaded model's batch once it is idle); ``[logging]`` re-levels or
+     re-opens the log.
 
 Everything a restart needs is checked *before* the daemon stops: the new address can be
 bound, the state directory, database and archive directories can be written, the log file

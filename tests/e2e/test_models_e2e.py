@@ -313,8 +313,10 @@ def test_auto_batch_slots_follow_the_budget(
 ) -> None:
     """``max_batch_size = "auto"`` (the default) under a budget that holds the model's
     weights and 2.5 sequences at its context: check-config plans 2 slots where a fixed 8 does
-    not fit, the daemon loads the model with 2 (/health, the ``model.loaded`` event), and three
-    concurrent streams run at most two at a time, all to the end."""
+    not fit, the daemon loads the model with 2 (/health, /metrics, the ``model.loaded``
+    event), and of three concurrent streams the third starts only after one of the first two
+    has ended; all run to the end. A config edit to ``max_batch_size = 1`` resizes the loaded
+    model once it is idle, without loading it again."""
     from conftest import run_mlxd
     from mlxd.config import load_settings
     from mlxd.models.memory import estimate
@@ -350,27 +352,43 @@ context_length = 2048
     loaded = [e for e in events(d) if e.get("event") == "model.loaded"]
     assert loaded and loaded[-1]["max_batch_size"] == 2
     client = d.client(timeout=120.0)
-    busiest = [0]
-    done: list[str | None] = []
+    busiest = 0
 
-    def stream() -> None:
-        final = None
+    def stream() -> tuple[float, float, str | None]:
+        """(first text, end, finish reason), monotonic seconds."""
+        first, final = 0.0, None
         for chunk in client.chat.completions.create(
             model="smol", messages=STORY, max_tokens=32, temperature=0, stream=True
         ):
+            if chunk.choices and chunk.choices[0].delta.content and not first:
+                first = time.monotonic()
             if chunk.choices and chunk.choices[0].finish_reason:
                 final = chunk.choices[0].finish_reason
-        done.append(final)
+        return first, time.monotonic(), final
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         runs = [pool.submit(stream) for _ in range(3)]
         while not all(r.done() for r in runs):
-            busiest[0] = max(busiest[0], health_models(d)["smol"]["active"])
+            busiest = max(busiest, health_models(d)["smol"]["active"])
             time.sleep(0.05)
-        for r in runs:
-            r.result()
-    assert done == ["length"] * 3
-    assert busiest[0] == 2  # two at a time: the third waited for a slot
+        results = sorted(r.result() for r in runs)  # by first text
+    assert [final for _, _, final in results] == ["length"] * 3
+    assert busiest <= 2
+    # Two slots: the last stream's first text came when one of the others ended (half a
+    # stream's time of slack for the client's threads; with a third slot all three start
+    # together, a whole stream's time earlier).
+    first_end = min(end for _, end, _ in results[:2])
+    assert results[2][0] >= first_end - (first_end - results[0][0]) / 2
+
+    loaded_at = health_models(d)["smol"]["loaded_at"]
+    write_config(
+        d.config_path, text.replace("warmup = false", "warmup = false\nmax_batch_size = 1")
+    )
+    wait_for(lambda: health_models(d)["smol"]["max_batch_size"] == 1, 60, "the model to be resized")
+    assert health_models(d)["smol"]["loaded_at"] == loaded_at  # not loaded again
+    resized = [e for e in events(d) if e.get("event") == "model.resized"]
+    assert resized and resized[-1]["was"] == 2 and resized[-1]["max_batch_size"] == 1
+    assert ask(client, "smol", 4)[0] == "smol"
     assert d.stop() == 0
 
 

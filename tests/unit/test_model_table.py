@@ -161,6 +161,23 @@ def test_plan_sizes_slots_from_the_budget_pinned_models_share_it(tmp_path: Path)
     left = plan(one, "auto", "cpu", "cpu", small.total + big.weights_bytes + 2 * per_big)
     assert left["small"] is not None and left["small"].slots == 8
     assert left["big"] is not None and left["big"].slots == 2
+    # Two on-demand models on a big GPU split the room, so both stay loaded side by side...
+    pair = plan(
+        table, "auto", "gpu", "cuda", small.weights_bytes + big.weights_bytes + 80 * per_big
+    )
+    assert pair["big"] is not None and pair["big"].slots == 40
+    assert pair["small"] is not None and pair["small"].slots == 64  # 80 fit: the cap
+    assert (
+        sum(e.total for e in pair.values() if e)
+        <= small.weights_bytes + big.weights_bytes + 80 * per_big
+    )
+    # ...but where their even share is below the old fixed 8, each still gets 8 when 8 fit
+    # beside the pinned models alone (one at a time, as before auto).
+    limit = big.weights_bytes + 10 * per_big
+    share = (limit - small.weights_bytes - big.weights_bytes) // 2
+    assert share // per_big < 8 <= (limit - big.weights_bytes) // per_big
+    floor = plan(table, "auto", "gpu", "cuda", limit)
+    assert floor["big"] is not None and floor["big"].slots == 8
     # A model whose files are not here yet has no estimate (it is counted once loaded).
     missing = {"hub": table["big"].model_copy(update={"path": "nobody/not-downloaded-7b"})}
     assert plan(missing, "auto", "cpu", "cpu", roomy) == {"hub": None}

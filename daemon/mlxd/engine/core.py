@@ -26,7 +26,9 @@ logs MLX's active memory and the RSS before and after).
 Reconfiguration (hot reload) is a command too: a removed model finishes its queued and
 running jobs, then unloads; a model whose path, dtype or context length changed does the same
 and then loads anew (jobs tokenized for the old load that had not started get a retryable
-503); other entries are untouched apart from their new defaults.
+503); other entries are untouched apart from their new defaults. Batch slots per model
+follow the table and the budget (:func:`mlxd.models.memory.plan`); a loaded model whose slots
+change gets a new runner once it has no running job (:meth:`Engine._resize`), weights kept.
 
 One piece: the thread's loop, its inbox commands and the residency decisions act on the same
 state (slots, queue, status snapshot) on one thread; split, one state machine would be
@@ -59,7 +61,7 @@ from ..errors import (
     Overloaded,
 )
 from ..logs import get_logger
-from .batch import BatchRunner, Job, batch_size, make_sampler, warm_up
+from .batch import BatchRunner, Job, make_sampler, warm_up
 from .diskcache import DiskCache, DiskView, model_identity
 from .distributed import IDLE_TICK, Group, Watchdog, kv_weight
 from .embed import EmbedTask
@@ -85,6 +87,7 @@ from .residency import (
     memory_now,
     needs_reload,
     release_memory,
+    resident,
 )
 from .residency import victims as choose_victims
 from .score import ScoreTask
@@ -317,8 +320,8 @@ class Engine:
 
     def retune(self, engine_settings: EngineSettings) -> None:
         """Apply live-tunable engine settings: the queue bound at once, the prompt-cache
-        budget on the engine thread; batch size and prefill step apply to the next runner
-        (next model load)."""
+        budget on the engine thread; prefill step and warm-up apply to the next runner (next
+        model load). Batch slots come with the model table (:meth:`configure`)."""
         self.settings = engine_settings
         self._inbox.put(("retune", engine_settings))
 
@@ -470,6 +473,7 @@ class Engine:
                 break
             slot: Slot | None = None
             try:
+                self._resize()
                 self._load_wanted()
                 self._admit()  # in a group, the watchdog times each broadcast
                 slot = self._rr.pick(self._slots)
@@ -552,6 +556,8 @@ class Engine:
                     s.keep_alive,
                     int(s.last_used),
                     len(s.prompt_cache) if s.prompt_cache is not None else 0,
+                    s.runner.slots if s.runner is not None else None,
+                    s.estimate,
                 )
                 for s in self._slots.values()
             ),
@@ -698,8 +704,9 @@ class Engine:
 
     def _plan(self, also: Slot | None = None) -> None:
         """Each model's memory estimate and batch slots, from the table and the budget
-        (:func:`mlxd.models.memory.plan`). A model that is loaded or loading keeps the ones
-        its runner is built with until it loads again, unless it is ``also``."""
+        (:func:`mlxd.models.memory.plan`), as ``planned``. A model that is loaded or loading
+        keeps counting at the slots its runner was built with (``estimate``) until
+        :meth:`_resize` rebuilds it, unless it is ``also``."""
         from ..models.memory import default_backend, plan
 
         device = self._device.get("device", "cpu")
@@ -708,14 +715,69 @@ class Engine:
         planned = plan(entries, self._residency.max_batch_size, device, backend_name, self._budget)
         for slot_id, est in planned.items():
             slot = self._slots[slot_id]
+            slot.planned = est
             if slot is also or slot.state not in ("loaded", "loading"):
                 slot.estimate = est
 
     def _tuned(self, slot: Slot) -> EngineSettings:
-        """The engine settings with ``max_batch_size`` resolved to ``slot``'s batch slots."""
+        """The engine settings with ``max_batch_size`` resolved to ``slot``'s batch slots (a
+        model not sized yet: a number as configured, else the old fixed default)."""
+        from ..models.memory import UNKNOWN_SLOTS
+
         est = slot.estimate
-        slots = est.slots if est is not None else batch_size(self._tuning)
+        fixed = self._tuning.max_batch_size
+        slots = est.slots if est is not None else fixed if isinstance(fixed, int) else UNKNOWN_SLOTS
         return self._tuning.model_copy(update={"max_batch_size": slots})
+
+    def _resize(self) -> None:
+        """A loaded model whose planned batch slots changed (``max_batch_size``, the budget or
+        the models beside it did) gets a runner with the new slots once it has no running
+        sequence: its weights stay, its prompt cache too; the warm-up runs again for the new
+        batch sizes. Not in a process group (the followers' runners would differ)."""
+        if self.group is not None:
+            return
+        for slot in self._slots.values():
+            est, runner, lm = slot.planned, slot.runner, slot.lm
+            if slot.state != "loaded" or est is None or runner is None or lm is None:
+                continue
+            if est.slots == runner.slots or runner.active or slot.prompt_cache is None:
+                continue
+            if est.slots > runner.slots:  # grow only into memory the others leave free
+                per = est.kv_bytes // est.slots
+                others = sum(s.cost() for s in resident(self._slots) if s is not slot)
+                room = self._budget - others - (slot.weights_bytes or est.weights_bytes)
+                grown = max(runner.slots, min(est.slots, room // max(1, per)))
+                if grown == runner.slots:
+                    continue
+                est = replace(est, kv_bytes=per * grown, slots=grown)
+            runner.store_kept()
+            runner.close()
+            slot.estimate = est
+            tuned = self._tuned(slot)
+            warm = warm_up(lm, tuned, slot.entry.temperature, slot.entry.top_p)
+            slot.runner = BatchRunner(lm, tuned, slot.prompt_cache)
+            log.info(
+                "model.resized",
+                id=slot.id,
+                max_batch_size=est.slots,
+                was=runner.slots,
+                warmup_seconds=round(warm, 3),
+            )
+
+    def _fit_loaded(self, slot: Slot) -> None:
+        """After loading a model that could not be sized before (its files were not here):
+        evict idle models it does not fit beside, else keep to the slots that fit."""
+        est = slot.estimate
+        chosen = choose_victims(self._slots, slot, self._budget)
+        for victim in chosen or []:
+            self._unload(victim, "evicted")
+        if chosen is not None or est is None or est.slots <= 1:
+            return
+        per = est.kv_bytes // est.slots
+        others = sum(s.cost() for s in resident(self._slots) if s is not slot)
+        weights = slot.weights_bytes or est.weights_bytes
+        fit = max(1, min(est.slots, (self._budget - others - weights) // max(1, per)))
+        slot.estimate = replace(est, kv_bytes=per * fit, slots=fit)
 
     def _reload(self, settings: ModelSettings, fut: Future[LoadedModel]) -> None:
         entry_id = settings.id or self._default_id
@@ -927,8 +989,10 @@ class Engine:
                 warm = 0.0  # warm-up would step without the followers
             else:
                 lm = loader.load(slot.entry)
-                if slot.estimate is None:  # its files are here now
+                if slot.estimate is None:  # its files are here now: size it
                     self._plan(also=slot)
+                    slot.weights_bytes = _weights_bytes(lm)
+                    self._fit_loaded(slot)
                 tuned = self._tuned(slot)
                 warm = warm_up(lm, tuned, slot.entry.temperature, slot.entry.top_p)
         except (ModelLoadError, MemoryError) as exc:
@@ -937,11 +1001,9 @@ class Engine:
         except Exception as exc:  # a bug or an unexpected file: report, keep running
             self._load_failed(slot, f"{type(exc).__name__}: {exc}", log_exc=True)
             return
-        from mlx.utils import tree_flatten
-
         lm.revision = slot.generation
         slot.lm = lm
-        slot.weights_bytes = sum(v.nbytes for _, v in tree_flatten(lm.model.parameters()))
+        slot.weights_bytes = _weights_bytes(lm)
         slot.prompt_cache = PromptCache(self._tuning.prompt_cache_bytes, stats=self.cache_stats)
         slot.prompt_cache.disk = self._disk_view(lm)
         if self.group is not None:
@@ -1024,6 +1086,13 @@ class Engine:
                 task.future.set_exception(error)
         self._state = "stopped"
         self._publish()
+
+
+def _weights_bytes(lm: LoadedModel) -> int:
+    """The loaded model's weights, measured."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(lm.model.parameters()))
 
 
 def _deliver(batch: list[tuple[JobHandle, Event]]) -> None:

@@ -63,7 +63,10 @@ class Slot:
     """A configured model and, while loaded, its runner and prompt cache."""
 
     entry: ModelSettings
+    #: What it counts against the budget (at its runner's slots while loaded).
     estimate: MemoryEstimate | None = None
+    #: What the table and the budget give it now (the engine resizes a loaded runner to it).
+    planned: MemoryEstimate | None = None
     state: str = "unloaded"
     lm: LoadedModel | None = None
     runner: Any = None  # BatchRunner while loaded

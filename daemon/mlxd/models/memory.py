@@ -18,11 +18,15 @@ not by what happens to be loaded:
 
 * pinned models (always resident together) split the budget left after all their weights
   equally;
-* any other model gets the budget left after the pinned models' weights and KV, less its own
-  weights (the other on-demand models are evicted for it when they do not fit beside it).
+* the other models (loaded on demand) split what the pinned models leave after all their
+  weights equally, so several of them can stay loaded side by side; but each gets at least
+  the 8 slots of the old fixed default when those fit beside the pinned models on their own
+  (a long list of models, of which one at a time is used, batches as before).
 
 So the pinned models fit together whenever one sequence each does, a model whose KV for 8
-sequences would not fit still loads with fewer, and a datacenter GPU batches 64.
+sequences would not fit still loads with fewer, and a datacenter GPU batches up to 64 per
+model. A model whose files are not here yet (a Hugging Face repo not downloaded) is sized
+once loaded; until then it counts as :data:`UNKNOWN_SLOTS`.
 
 The budget (``engine.memory_budget_bytes``; 0 derives it per platform):
 
@@ -58,6 +62,9 @@ GiB = 1024**3
 
 #: ``engine.max_batch_size = "auto"``: the most batch slots per backend (module docstring).
 AUTO_SLOTS = {"cpu": 8, "metal": 8, "cuda": 64}
+#: The old fixed default: what an on-demand model gets at least, when it fits, and the
+#: slots of a model not sized yet.
+UNKNOWN_SLOTS = 8
 
 
 @dataclass(frozen=True)
@@ -147,17 +154,21 @@ def plan(
     the module docstring (None for an entry whose files are not here yet)."""
     known = {i: s for i, e in entries.items() if (s := _sizes(e, device)) is not None}
     pinned = [i for i in known if entries[i].pinned]
+    others = [i for i in known if not entries[i].pinned]
     out: dict[str, MemoryEstimate] = {}
     share = (limit - sum(known[i][0] for i in pinned)) // max(1, len(pinned))
     for i in pinned:
         weights, per = known[i]
         slots = batch_slots(max_batch_size, backend_name, share, per)
         out[i] = MemoryEstimate(weights, per * slots, slots)
-    held = sum(e.total for e in out.values())
-    for i, (weights, per) in known.items():
-        if i not in out:
-            slots = batch_slots(max_batch_size, backend_name, limit - held - weights, per)
-            out[i] = MemoryEstimate(weights, per * slots, slots)
+    left = limit - sum(e.total for e in out.values())
+    share = (left - sum(known[i][0] for i in others)) // max(1, len(others))
+    for i in others:
+        weights, per = known[i]
+        even = batch_slots(max_batch_size, backend_name, share, per)
+        alone = batch_slots(max_batch_size, backend_name, left - weights, per)
+        slots = max(even, min(alone, UNKNOWN_SLOTS))
+        out[i] = MemoryEstimate(weights, per * slots, slots)
     return {i: out.get(i) for i in entries}
 
 
