@@ -171,6 +171,31 @@ def test_a_longer_entry_replaces_the_one_it_extends(tmp_path: Path) -> None:
     assert view.disk.writes == 3
 
 
+def test_on_cuda_the_writer_reads_its_own_copy_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where MLX's memory is CUDA's (forced here), the writer gets copies of the arrays, not
+    the RAM tier's own, and they are bit-exact: negative zeros and NaNs come back as they
+    were, and the entry reads back equal (its checksum matches)."""
+    monkeypatch.setattr(diskcache, "_cuda_managed", lambda: True)
+    toks = tokens(100)
+    cache = kv(toks)
+    odd = mx.array([-0.0, float("nan"), 1.0], dtype=mx.bfloat16)
+    cache[0].keys[0, 0, :3, 0] = odd  # type: ignore[index]
+    mx.eval(cache[0].keys)
+    arrays = diskcache.writer_arrays(cache)
+    for c, (k, v) in zip(cache, arrays, strict=True):
+        assert k is not c.keys and v is not c.values
+        assert mx.array_equal(mx.view(k, mx.uint16), mx.view(c.keys, mx.uint16)).item()
+    view = DiskCache(tmp_path, 1 << 30).view(MODEL_A)
+    view.put(toks, cache)
+    assert view.disk.flush(30) and view.disk.writes == 1
+    again = DiskCache(tmp_path, 1 << 30).view(MODEL_A).load([*toks, 1])
+    assert again is not None
+    got = again[1][0].keys
+    assert mx.array_equal(mx.view(got, mx.uint16), mx.view(cache[0].keys, mx.uint16)).item()
+
+
 def test_disk_full_skips_the_entry_and_serving_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,9 @@ Threads: writes run on one background writer thread. It never calls MLX: the eng
 hands it ``memoryview``s of arrays that are already evaluated (and never mutated: entries are
 immutable), and the writer produces the safetensors bytes itself (temp file, fsync, rename).
 Reading a file into MLX arrays happens on the engine thread (``load``), as every MLX call must.
+On CUDA the writer gets a copy of its own, made on the GPU (:func:`writer_arrays`): MLX's
+memory there is managed by CUDA, the CPU reading it moves its pages to the host, and the next
+prompt that reuses a prefix of the same entry from the RAM tier would fault them back.
 
 Safe by construction: a file whose header does not parse, whose size does not match its
 header (truncated), whose checksum fails, whose format is another version or whose identity is
@@ -140,6 +143,33 @@ def block_chain(tokens: list[int]) -> list[bytes]:
 
 
 # -- the file format -----------------------------------------------------------------------
+def writer_arrays(cache: list[Any]) -> list[tuple[Any, Any]]:
+    """Per layer, the (keys, values) arrays the writer reads: the cache's own, or on CUDA
+    bit-exact copies made on the GPU (a copy of a 4k-token entry of a 1B model, 136 MB, takes
+    well under a millisecond there), so the CPU's reads move the copies' pages to the host and
+    not those of the RAM tier's entry, which later prompts read on the GPU. Measured on an
+    H200 with a prefix of each prompt reused from the previous one's entry: the prompt's
+    chunks took ~5 ms longer with the disk tier on than off. Engine thread only."""
+    import mlx.core as mx
+
+    pairs = [(c.keys, c.values) for c in cache]
+    if not _cuda_managed():
+        return pairs
+    bits = {2: mx.uint16, 4: mx.uint32}
+    copies = [
+        tuple(mx.view(mx.view(a, bits[a.itemsize]) + 0, a.dtype) for a in pair) for pair in pairs
+    ]
+    mx.eval(copies)
+    return [(k, v) for k, v in copies]
+
+
+def _cuda_managed() -> bool:
+    """MLX runs on CUDA (its arrays live in CUDA managed memory)."""
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu and not mx.metal.is_available()
+
+
 def kv_checksum(arrays: list[Any]) -> int:
     """Sum of the arrays' 16-bit words, mod 2**32, computed by MLX (engine thread only).
 
@@ -482,8 +512,9 @@ class DiskCache:
             self._pending += nbytes
         # Taken here, on the engine thread: the arrays are evaluated, so this is a view of
         # their memory; the writer reads it without calling MLX.
-        layers = [(memoryview(c.keys), memoryview(c.values)) for c in cache]
-        checksum = kv_checksum([a for c in cache for a in (c.keys, c.values)])
+        arrays = writer_arrays(cache)
+        layers = [(memoryview(k), memoryview(v)) for k, v in arrays]
+        checksum = kv_checksum([a for pair in arrays for a in pair])
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._writer, name="mlxd-prompt-cache-writer", daemon=True
