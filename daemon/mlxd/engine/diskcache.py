@@ -149,7 +149,8 @@ def writer_arrays(cache: list[Any]) -> list[tuple[Any, Any]]:
     well under a millisecond there), so the CPU's reads move the copies' pages to the host and
     not those of the RAM tier's entry, which later prompts read on the GPU. Measured on an
     H200 with a prefix of each prompt reused from the previous one's entry: the prompt's
-    chunks took ~5 ms longer with the disk tier on than off. Engine thread only."""
+    chunks took ~5 ms longer with the disk tier on than off. A copy lives until its entry is
+    written (all of them together at most :data:`MAX_PENDING_BYTES`). Engine thread only."""
     import mlx.core as mx
 
     pairs = [(c.keys, c.values) for c in cache]
