@@ -322,7 +322,7 @@ class EngineSettings(_Section):
         0,
         ge=0,
         description="Memory the loaded models may use together (weights plus KV cache for "
-        "max_batch_size sequences of their context_length). Before a load, least recently used "
+        "each model's batch slots at its context_length). Before a load, least recently used "
         "idle models that are not pinned are unloaded until the new one fits. 0: derived from "
         "the machine: Apple GPU: Metal's recommended working set; CUDA: 90% of the GPU's memory; "
         "CPU: 60% of physical RAM.",
