@@ -24,7 +24,7 @@ import sys
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -63,6 +63,24 @@ def default_log_file() -> Path:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: Any) -> Any:
+        """``true``/``false`` where a number belongs is a mistake, not 1 or 0 (pydantic would
+        take ``max_batch_size = true`` as 1)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if bool not in (annotation, *get_args(annotation)) and _numeric(annotation):
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type takes numbers (int or float, alone or in a union)."""
+    parts = [annotation, *get_args(annotation)]
+    parts += [a for p in list(parts) for a in get_args(p)]  # Annotated[int, ...] in a union
+    return any(p in (int, float) for p in parts)
 
 
 class ServerSettings(_Section):
@@ -277,6 +295,24 @@ class EngineSettings(_Section):
         description="Most requests waiting for a batch slot; beyond it requests get 503 with "
         "Retry-After.",
     )
+
+    @field_validator("max_batch_size", mode="before")
+    @classmethod
+    def _slots(cls, value: Any) -> Any:
+        """One clear message for both forms (the union would report each member's error)."""
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text == "auto":
+            return "auto"
+        number = None
+        if isinstance(text, int | float | str) and not isinstance(text, bool):
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+        if number is None or not number.is_integer() or not 1 <= number <= 256:
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ValueError(f"must be 'auto' or a whole number from 1 to 256, not {shown}")
+        return int(number)
     prefill_step_size: int = Field(
         512,
         ge=16,

@@ -56,6 +56,13 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("[model]\ntemperature = 5\n", "model.temperature"),
         ("[server\nport = 1\n", "not valid TOML"),
         ("[server]\nhost = '0.0.0.0'\n", "not a loopback address"),
+        ("[engine]\nmax_queue = true\n", "engine.max_queue: must be a number, not true"),
+        ("[server]\nbody_timeout_seconds = false\n", "must be a number, not false"),
+        ("[engine]\nmax_batch_size = true\n", "from 1 to 256, not true"),
+        ("[engine]\nmax_batch_size = 0\n", "engine.max_batch_size: must be 'auto' or a whole"),
+        ("[engine]\nmax_batch_size = 300\n", "from 1 to 256, not 300"),
+        ("[engine]\nmax_batch_size = 8.5\n", "not 8.5"),
+        ("[engine]\nmax_batch_size = 'lots'\n", "not 'lots'"),
     ],
 )
 def test_errors_name_the_key_and_the_fix(tmp_path: Path, text: str, needle: str) -> None:
@@ -63,6 +70,26 @@ def test_errors_name_the_key_and_the_fix(tmp_path: Path, text: str, needle: str)
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text))
     assert needle in str(err.value)
+
+
+def test_max_batch_size_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'auto' in any case, numbers as TOML ints, whole floats or strings (an environment
+    variable is a string); one line of error for anything else (above)."""
+    for text, want in (
+        ("8", 8),
+        ("'16'", 16),
+        ("'auto'", "auto"),
+        ("' AUTO '", "auto"),
+        ("8.0", 8),
+    ):
+        got = load_settings(write(tmp_path, f"[engine]\nmax_batch_size = {text}\n"))
+        assert got.engine.max_batch_size == want, text
+    assert load_settings(None).engine.max_batch_size == "auto"
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "[engine]\nmax_batch_size = 0\n"))
+    assert str(err.value).count("engine.max_batch_size") == 1
+    monkeypatch.setenv("MLXD_ENGINE__MAX_BATCH_SIZE", "12")  # the environment beats the file
+    assert load_settings(None).engine.max_batch_size == 12
 
 
 def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:

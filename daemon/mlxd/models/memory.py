@@ -255,10 +255,15 @@ def pinned_problem(settings: Settings, device: str, backend_name: str) -> str | 
         f"for {e.slots} sequence{'s' if e.slots != 1 else ''})"
         for i, e in pinned
     )
+    kv = (
+        "context_length (KV cache; with max_batch_size 'auto' each pinned model already has "
+        "only the batch slots its share holds, at least 1)"
+        if settings.engine.max_batch_size == "auto"
+        else "context_length or engine.max_batch_size (KV cache)"
+    )
     return (
         f"pinned models need {_mib(need)} but engine.memory_budget_bytes allows {_mib(limit)}: "
-        f"{parts}. Hint: raise engine.memory_budget_bytes, lower context_length or "
-        "engine.max_batch_size (KV cache), or set pinned = false."
+        f"{parts}. Hint: raise engine.memory_budget_bytes, lower {kv}, or set pinned = false."
     )
 
 
