@@ -313,6 +313,7 @@ class EngineSettings(_Section):
             shown = str(value).lower() if isinstance(value, bool) else repr(value)
             raise ValueError(f"must be 'auto' or a whole number from 1 to 256, not {shown}")
         return int(number)
+
     prefill_step_size: int = Field(
         512,
         ge=16,
