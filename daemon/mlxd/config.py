@@ -24,7 +24,7 @@ import sys
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -281,7 +281,7 @@ class ModelSettings(_Section):
 class EngineSettings(_Section):
     """[engine]: the MLX thread: batching, caches, backend tuning."""
 
-    max_batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+    max_batch_size: int | Literal["auto"] = Field(
         "auto",
         description="Most sequences decoded together per model (continuous batching): a number "
         "from 1 to 256, or 'auto': as many as fit at the model's full context in its share of the "

@@ -133,7 +133,7 @@ def test_plan_sizes_slots_from_the_budget_pinned_models_share_it(tmp_path: Path)
     what the pinned ones leave. Estimates come from the real model files."""
     s = settings_from(tmp_path, TWO)
     table = model_table(s)
-    alone = {i: estimate(e, s.engine, "cpu", "cpu", room=None) for i, e in table.items()}
+    alone = {i: estimate(e, s.engine, "cpu", "cpu") for i, e in table.items()}
     small, big = alone["small"], alone["big"]
     assert small is not None and big is not None and small.slots == 8
     per_small, per_big = small.kv_bytes // 8, big.kv_bytes // 8

@@ -555,13 +555,11 @@ def keep_leading_space(detokenizer: Any) -> None:
 def batch_size(settings: EngineSettings) -> int:
     """``settings.max_batch_size`` as a number. The engine resolves ``auto`` per model before
     it builds a runner (:func:`mlxd.models.memory.plan`); settings that still say ``auto``
-    (profiles, tests) get the backend's most."""
-    if isinstance(settings.max_batch_size, int):
-        return settings.max_batch_size
-    from .. import backend
-    from ..models.memory import AUTO_SLOTS
+    (a model not sized yet, profiles, tests) get the old fixed default."""
+    from ..models.memory import UNKNOWN_SLOTS
 
-    return AUTO_SLOTS.get(backend.device_info()["backend"], AUTO_SLOTS["cpu"])
+    fixed = settings.max_batch_size
+    return fixed if isinstance(fixed, int) else UNKNOWN_SLOTS
 
 
 def make_generator(
@@ -577,13 +575,14 @@ def make_generator(
     from mlx_lm.generate import BatchGenerator
 
     eos = [[t] for t in sorted(lm.eos_token_ids)]
+    slots = batch_size(settings)
     return BatchGenerator(
         lm.model,
         max_tokens=lm.context_length,
         stop_tokens=eos,
         sampler=sampler,
-        completion_batch_size=batch_size(settings),
-        prefill_batch_size=min(batch_size(settings), PREFILL_CHUNKS_PER_STEP),
+        completion_batch_size=slots,
+        prefill_batch_size=min(slots, PREFILL_CHUNKS_PER_STEP),
         prefill_step_size=settings.prefill_step_size,
         stream=mx.default_stream(mx.default_device()) if same_stream else None,
     )

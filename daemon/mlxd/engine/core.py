@@ -61,7 +61,8 @@ from ..errors import (
     Overloaded,
 )
 from ..logs import get_logger
-from .batch import BatchRunner, Job, make_sampler, warm_up
+from ..models.memory import MemoryEstimate
+from .batch import BatchRunner, Job, batch_size, make_sampler, warm_up
 from .diskcache import DiskCache, DiskView, model_identity
 from .distributed import IDLE_TICK, Group, Watchdog, kv_weight
 from .embed import EmbedTask
@@ -707,11 +708,10 @@ class Engine:
         (:func:`mlxd.models.memory.plan`), as ``planned``. A model that is loaded or loading
         keeps counting at the slots its runner was built with (``estimate``) until
         :meth:`_resize` rebuilds it, unless it is ``also``."""
-        from ..models.memory import default_backend, plan
+        from ..models.memory import plan
 
-        device = self._device.get("device", "cpu")
-        backend_name = self._device.get("backend") or default_backend(device)
         entries = {s.id: s.entry for s in self._slots.values() if not s.removed}
+        device, backend_name = self._device["device"], self._device["backend"]
         planned = plan(entries, self._residency.max_batch_size, device, backend_name, self._budget)
         for slot_id, est in planned.items():
             slot = self._slots[slot_id]
@@ -721,13 +721,19 @@ class Engine:
 
     def _tuned(self, slot: Slot) -> EngineSettings:
         """The engine settings with ``max_batch_size`` resolved to ``slot``'s batch slots (a
-        model not sized yet: a number as configured, else the old fixed default)."""
-        from ..models.memory import UNKNOWN_SLOTS
-
+        model not sized yet: see :func:`~.batch.batch_size`)."""
         est = slot.estimate
-        fixed = self._tuning.max_batch_size
-        slots = est.slots if est is not None else fixed if isinstance(fixed, int) else UNKNOWN_SLOTS
+        slots = est.slots if est is not None else batch_size(self._tuning)
         return self._tuning.model_copy(update={"max_batch_size": slots})
+
+    def _fitting(self, slot: Slot, est: MemoryEstimate, least: int) -> MemoryEstimate:
+        """``est`` cut to the slots that fit beside the other resident models, but not below
+        ``least``."""
+        per = est.kv_bytes // est.slots
+        others = sum(s.cost() for s in resident(self._slots) if s is not slot)
+        room = self._budget - others - (slot.weights_bytes or est.weights_bytes)
+        fit = max(least, min(est.slots, room // max(1, per)))
+        return replace(est, kv_bytes=per * fit, slots=fit)
 
     def _resize(self) -> None:
         """A loaded model whose planned batch slots changed (``max_batch_size``, the budget or
@@ -743,13 +749,9 @@ class Engine:
             if est.slots == runner.slots or runner.active or slot.prompt_cache is None:
                 continue
             if est.slots > runner.slots:  # grow only into memory the others leave free
-                per = est.kv_bytes // est.slots
-                others = sum(s.cost() for s in resident(self._slots) if s is not slot)
-                room = self._budget - others - (slot.weights_bytes or est.weights_bytes)
-                grown = max(runner.slots, min(est.slots, room // max(1, per)))
-                if grown == runner.slots:
+                est = self._fitting(slot, est, least=runner.slots)
+                if est.slots == runner.slots:
                     continue
-                est = replace(est, kv_bytes=per * grown, slots=grown)
             runner.store_kept()
             runner.close()
             slot.estimate = est
@@ -773,11 +775,7 @@ class Engine:
             self._unload(victim, "evicted")
         if chosen is not None or est is None or est.slots <= 1:
             return
-        per = est.kv_bytes // est.slots
-        others = sum(s.cost() for s in resident(self._slots) if s is not slot)
-        weights = slot.weights_bytes or est.weights_bytes
-        fit = max(1, min(est.slots, (self._budget - others - weights) // max(1, per)))
-        slot.estimate = replace(est, kv_bytes=per * fit, slots=fit)
+        slot.estimate = self._fitting(slot, est, least=1)
 
     def _reload(self, settings: ModelSettings, fut: Future[LoadedModel]) -> None:
         entry_id = settings.id or self._default_id

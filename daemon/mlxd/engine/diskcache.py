@@ -157,11 +157,13 @@ def writer_arrays(cache: list[Any]) -> list[tuple[Any, Any]]:
     if not _cuda_managed():
         return pairs
     bits = {2: mx.uint16, 4: mx.uint32}
-    copies = [
-        tuple(mx.view(mx.view(a, bits[a.itemsize]) + 0, a.dtype) for a in pair) for pair in pairs
-    ]
+
+    def copy(a: Any) -> Any:  # through integers: every bit kept (-0.0, NaN payloads)
+        return mx.view(mx.view(a, bits[a.itemsize]) + 0, a.dtype)
+
+    copies = [(copy(k), copy(v)) for k, v in pairs]
     mx.eval(copies)
-    return [(k, v) for k, v in copies]
+    return copies
 
 
 def _cuda_managed() -> bool:

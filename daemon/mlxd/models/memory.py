@@ -124,22 +124,18 @@ def default_backend(device: str) -> str:
 
 
 def estimate(
-    entry: ModelSettings,
-    engine: EngineSettings,
-    device: str,
-    backend_name: str | None = None,
-    room: int | None = None,
+    entry: ModelSettings, engine: EngineSettings, device: str, backend_name: str | None = None
 ) -> MemoryEstimate | None:
-    """The estimate for ``entry`` on ``device`` ("cpu"/"gpu") alone, with ``room`` bytes
-    for its KV cache (None: unknown, so ``auto`` gives the backend's most), or None when its
-    files are not here yet (a Hugging Face repo that is not downloaded: it is counted once
-    loaded). :func:`plan` estimates a whole table under a budget."""
+    """The estimate for ``entry`` on ``device`` ("cpu"/"gpu") alone, with no budget (so
+    ``auto`` gives the backend's most), or None when its files are not here yet (a Hugging
+    Face repo that is not downloaded: it is counted once loaded). :func:`plan` estimates a
+    whole table under a budget."""
     sizes = _sizes(entry, device)
     if sizes is None:
         return None
     weights, per = sizes
     backend_name = backend_name or default_backend(device)
-    slots = batch_slots(engine.max_batch_size, backend_name, room, per)
+    slots = batch_slots(engine.max_batch_size, backend_name, None, per)
     return MemoryEstimate(weights, per * slots, slots)
 
 
