@@ -426,9 +426,19 @@ def batch_runner(lm: Any, n: int, length: int, steps: int) -> tuple[float, float
     return count / (end - start), inner[0] / (end - start)
 
 
-def batch_engine(model: str | None, n: int, length: int, steps: int) -> float:
+def _busy(us: float) -> None:
+    """Pure Python for ``us`` microseconds: holds the GIL as the event loop's work does."""
+    end = time.perf_counter() + us / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+def batch_engine(
+    model: str | None, n: int, length: int, steps: int, loop_work_us: float = 0.0
+) -> float:
     """Aggregate tok/s over the window in which all N streams are decoding (events through
-    the asyncio loop; counted as text events, about one per token)."""
+    the asyncio loop; counted as text events, about one per token). ``loop_work_us``: Python
+    the loop runs per text event, standing in for the server's HTTP work (an SSE frame)."""
     from mlxd.config import EngineSettings, ModelSettings
     from mlxd.engine import loader
     from mlxd.engine.core import Delta, Engine, GenerationParams, GenerationRequest
@@ -452,6 +462,8 @@ def batch_engine(model: str | None, n: int, length: int, steps: int) -> float:
             async for ev in engine.collect(job):
                 if isinstance(ev, Delta):
                     times.append(time.perf_counter())
+                    if loop_work_us:
+                        _busy(loop_work_us)
             return times
 
         async def main() -> float:
@@ -736,6 +748,28 @@ def prefill_curve(lm: Any, contexts: list[int], chunks: list[int]) -> list[dict[
     return rows
 
 
+def loop_load(
+    model: str | None, streams: list[int], steps: int, works: list[float], rounds: int
+) -> list[dict[str, Any]]:
+    """The Engine's aggregate rate with the event loop doing ``works`` microseconds of Python
+    per token, asked in turn: what the server's HTTP work in the same process (and GIL) costs
+    the engine, and so what serving HTTP from a separate process could win."""
+    import statistics
+
+    rows = []
+    for n in streams:
+        runs: dict[float, list[float]] = {w: [] for w in works}
+        for r in range(rounds):
+            for w in works[r % len(works) :] + works[: r % len(works)]:
+                runs[w].append(round(batch_engine(model, n, 64, steps, w), 1))
+        for w, values in runs.items():
+            row = {"streams": n, "loop_work_us": w, "median": statistics.median(values)}
+            row["runs"] = values
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model path (default: the bundled model)")
@@ -755,6 +789,14 @@ def main() -> int:
         default=[],
         choices=["decode", "breakdown", "batch", "ramp", "shapes", "static", "prefill"],
     )
+    p.add_argument(
+        "--loop-work",
+        type=float,
+        nargs="*",
+        default=[],
+        help="section loop: the Engine's rate with this much Python (us) per token in the loop",
+    )
+    p.add_argument("--loop-rounds", type=int, default=3, help="runs of each --loop-work value")
     p.add_argument("--no-eos", action="store_true", help="forbid end-of-turn tokens")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
@@ -796,6 +838,10 @@ def main() -> int:
     if "batch" not in args.skip:
         out["batch"] = batch_rates(
             lm, args.model, args.streams, 64, args.batch_steps, args.batch_rounds
+        )
+    if args.loop_work:
+        out["loop"] = loop_load(
+            args.model, args.streams, args.batch_steps, args.loop_work, args.loop_rounds
         )
     if "ramp" not in args.skip:
         out["ramp"] = ramps(lm, args.streams, args.step)
