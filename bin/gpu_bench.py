@@ -37,8 +37,12 @@ from mlxd.bench.client import stream_chat  # noqa: E402
 from mlxd.bench.harness import Daemon  # noqa: E402
 from mlxd.bench.workload import prefill_text, tagged  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def build_model(out: Path, tokenizer: Path, bits: int, layers: int = 16) -> None:
@@ -47,18 +51,30 @@ def build_model(out: Path, tokenizer: Path, bits: int, layers: int = 16) -> None
     from mlx_lm.models import llama
 
     config: dict[str, Any] = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
-        "num_hidden_layers": layers, "intermediate_size": 8192, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5, "vocab_size": 49152,
-        "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
-        "bos_token_id": 1, "eos_token_id": [2], "torch_dtype": "bfloat16",
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 2048,
+        "num_hidden_layers": layers,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": [2],
+        "torch_dtype": "bfloat16",
     }
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
     emb = model.model.embed_tokens.weight
     model.model.embed_tokens.weight = emb * (mx.arange(emb.shape[0]) != 2)[:, None].astype(
-        emb.dtype)
+        emb.dtype
+    )
     if bits:
         import mlx.nn as nn
 
@@ -102,9 +118,12 @@ def probe(args: argparse.Namespace) -> None:
     def _kernels() -> int:
         return _count(cache)
 
-    out: dict[str, Any] = {"label": args.label, "kernel_cache": str(cache),
-                           "MLX_CUDA_USE_CUDNN_SDPA": os.environ.get("MLX_CUDA_USE_CUDNN_SDPA"),
-                           "kernels_at_start": _kernels()}
+    out: dict[str, Any] = {
+        "label": args.label,
+        "kernel_cache": str(cache),
+        "MLX_CUDA_USE_CUDNN_SDPA": os.environ.get("MLX_CUDA_USE_CUDNN_SDPA"),
+        "kernels_at_start": _kernels(),
+    }
     try:
         body = daemon.wait_ready(args.timeout)
         out["seconds_to_ready"] = round(time.monotonic() - t0, 2)
@@ -131,8 +150,13 @@ def probe(args: argparse.Namespace) -> None:
         for i, temp in enumerate((0.33, 0.47)):
             msg = [{"role": "user", "content": tagged(f"probes {i}", "Say hello.")}]
             r = stream_chat(daemon, msg, 16, 600, temperature=temp)
-            new_temp.append({"temperature": temp, "ttft_ms": round(r.ttft * 1000, 1),
-                             "prompt_tokens": r.prompt_tokens})
+            new_temp.append(
+                {
+                    "temperature": temp,
+                    "ttft_ms": round(r.ttft * 1000, 1),
+                    "prompt_tokens": r.prompt_tokens,
+                }
+            )
         out["new_temperature"] = {
             "requests": new_temp,
             "over_tenth": round(new_temp[0]["ttft_ms"] / seq[9], 2),
@@ -153,9 +177,12 @@ def probe(args: argparse.Namespace) -> None:
             t.start()
         for t in threads:
             t.join()
-        out["burst"] = {"streams": n, "seconds": round(time.perf_counter() - start, 2),
-                        "worst_ttft_ms": round(max(r.ttft for r in res) * 1000, 1),
-                        "tokens": sum(r.completion_tokens for r in res)}
+        out["burst"] = {
+            "streams": n,
+            "seconds": round(time.perf_counter() - start, 2),
+            "worst_ttft_ms": round(max(r.ttft for r in res) * 1000, 1),
+            "tokens": sum(r.completion_tokens for r in res),
+        }
         out["kernels_after_burst"] = _kernels()
         # 3. a long prompt (several prefill chunks), twice (different text: no cache hit)
         longs = []
