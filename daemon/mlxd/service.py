@@ -267,7 +267,6 @@ class Service:
         """After the shutdown budget, end what still runs with a clear error."""
         await self.shutdown.wait()
         await asyncio.sleep(self.settings.server.shutdown_timeout_seconds)
-        n = self.engine.active_count() + self.engine.queue_depth()
+        n = self.engine.abort_all(ModelUnavailable("mlxd is shutting down", retry_after=5))
         if n:
             log.warning("server.cancelling_requests", count=n)
-        self.engine.abort_all(ModelUnavailable("mlxd is shutting down", retry_after=5))

@@ -22,10 +22,18 @@ from mlxd.engine.core import (
 from mlxd.errors import BadRequest, GenerationFailed, ModelUnavailable
 from mlxd.prompt import build_prompt
 
+#: Prefill chunks of 128 tokens: a long prompt takes several steps, and one step stays short
+#: on the slowest CPU (MLX's reference BLAS, a loaded machine: seconds, not a minute).
+CHUNK = 128
+
+
+def settings(**changes: Any) -> EngineSettings:
+    return EngineSettings(max_batch_size=4, prefill_step_size=CHUNK, **changes)
+
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    eng = Engine(ModelSettings(), EngineSettings(max_batch_size=4))
+    eng = Engine(ModelSettings(), settings())
     eng.start()
     assert eng.ready_event.wait(120), eng.load_error
     yield eng
@@ -34,8 +42,8 @@ def engine() -> Iterator[Engine]:
 
 def clear_prompt_cache(engine: Engine) -> None:
     """Empty the prompt cache through the engine's inbox (a zero budget, then the old one)."""
-    engine.retune(EngineSettings(max_batch_size=4, prompt_cache_bytes=0))
-    engine.retune(EngineSettings(max_batch_size=4))
+    engine.retune(settings(prompt_cache_bytes=0))
+    engine.retune(settings())
 
 
 async def ask(
@@ -112,12 +120,12 @@ def test_cache_is_bounded_by_budget(engine: Engine) -> None:
     """The prompt cache never holds more than its byte budget."""
     asyncio.run(ask(engine, "Say hello."))
     assert engine.status().prompt_cache_entries > 0
-    engine.retune(EngineSettings(max_batch_size=4, prompt_cache_bytes=1))
+    engine.retune(settings(prompt_cache_bytes=1))
     try:
         asyncio.run(ask(engine, "Say hello again."))
         assert engine.status().prompt_cache_entries == 0
     finally:
-        engine.retune(EngineSettings(max_batch_size=4))
+        engine.retune(settings())
 
 
 def test_cache_dropped_on_model_switch(engine: Engine) -> None:
@@ -219,7 +227,7 @@ def test_retune_during_decoding_keeps_the_generation(engine: Engine) -> None:
         async for ev in engine.collect(job):
             if isinstance(ev, Delta):
                 if not text:
-                    engine.retune(EngineSettings(max_batch_size=4, prompt_cache_bytes=1))
+                    engine.retune(settings(prompt_cache_bytes=1))
                 text.append(ev.content)
             else:
                 return alone, "".join(text), ev
@@ -228,7 +236,7 @@ def test_retune_during_decoding_keeps_the_generation(engine: Engine) -> None:
     try:
         alone, during, last = asyncio.run(main())
     finally:
-        engine.retune(EngineSettings(max_batch_size=4))
+        engine.retune(settings())
     assert isinstance(last, Finished)
     assert during == alone
 
@@ -391,11 +399,12 @@ def test_stop_string_ends_a_joined_sequence(engine: Engine) -> None:
 
 def test_cancel_during_a_long_prefill(engine: Engine) -> None:
     """A job cancelled while its long prompt is being prefilled is dropped (between chunks)
-    and the engine serves the next request."""
+    and the engine serves the next request. The engine counts it as active from its
+    admission, before its first chunk has run; the cancel takes effect within one chunk."""
 
     async def main() -> tuple[str, Event]:
         long = request(engine, "Summarize: " + "the quick brown fox jumps. " * 200)
-        assert len(long.prompt) > 2 * EngineSettings().prefill_step_size
+        assert len(long.prompt) > 8 * CHUNK
         job = engine.submit(long)
         await wait_until(lambda: engine.status().active == 1, "the long prompt to start")
         job.cancel()

@@ -99,3 +99,28 @@ def test_a_cancelled_reader_loses_no_event() -> None:
 
     event = asyncio.run(run())
     assert isinstance(event, Delta) and event.content == "kept"
+
+
+def test_abort_reaches_open_handles_while_the_engine_thread_is_busy() -> None:
+    """The shutdown budget's abort: every handle still open gets the error at once, from the
+    event loop, even though the engine thread is not draining its inbox (here: never started,
+    as when it is inside a prefill chunk that takes seconds); a cancelled one is not counted."""
+    from mlxd.config import EngineSettings, ModelSettings
+    from mlxd.engine.core import Engine
+    from mlxd.engine.protocol import Failed
+    from mlxd.errors import ModelUnavailable
+
+    engine = Engine(ModelSettings(), EngineSettings())  # its thread is not running
+    request = GenerationRequest.__new__(GenerationRequest)  # never read here
+    error = ModelUnavailable("mlxd is shutting down", retry_after=5)
+
+    async def run() -> tuple[int, Event | None, int]:
+        running, gone = engine.submit(request), engine.submit(request)
+        gone.cancel()
+        count = engine.abort_all(error)
+        event = await running.next_event(30)
+        return count, event, engine.abort_all(error)
+
+    count, event, again = asyncio.run(run())
+    assert count == 1 and isinstance(event, Failed) and event.error is error
+    assert again == 0  # its reader has seen the end

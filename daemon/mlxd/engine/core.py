@@ -222,11 +222,16 @@ class Engine:
         self.group.mark_broken(error)
         failure = self._group_problem()
         assert failure is not None
+        self._fail_open(failure)
+
+    def _fail_open(self, error: MlxdError) -> int:
+        """From any thread: every job whose reader has not seen its end gets ``error`` now,
+        without waiting for the engine thread (which may be inside a long step); how many."""
         with self._waiting_lock:
-            handles = list(self._handles.values())
+            handles = [h for h in self._handles.values() if h.open]
         for handle in handles:
-            with contextlib.suppress(RuntimeError):
-                handle.loop.call_soon_threadsafe(handle.deliver_now, Failed(failure))
+            handle.deliver(Failed(error))
+        return len(handles)
 
     def status(self) -> EngineStatus:
         """An immutable snapshot of the engine's state."""
@@ -342,9 +347,8 @@ class Engine:
                 )
             self._waiting += 1
         handle = JobHandle(next(self._ids), request, asyncio.get_running_loop(), self._cancel)
-        if self.group is not None:
-            with self._waiting_lock:
-                self._handles[handle.id] = handle
+        with self._waiting_lock:
+            self._handles[handle.id] = handle
         self._inbox.put(("submit", Job(handle.id, request, self._sender(handle))))
         return handle
 
@@ -415,9 +419,13 @@ class Engine:
         if self.group is not None:
             raise NotSupported(f"{what} are not served by a model split across ranks")
 
-    def abort_all(self, error: MlxdError) -> None:
-        """End every waiting and running job with ``error`` (shutdown budget spent)."""
+    def abort_all(self, error: MlxdError) -> int:
+        """End every waiting and running job with ``error`` (shutdown budget spent); returns
+        how many were open. Their readers get the error at once, even while the engine thread
+        is inside a long step (one prefill chunk takes seconds on a slow CPU), so a stream
+        ends with its error frame within the budget; the thread drops the jobs after it."""
         self._inbox.put(("abort", error))
+        return self._fail_open(error)
 
     def request_load(self, settings: ModelSettings) -> Future[LoadedModel]:
         """Load ``settings`` anew under its id (the default model's when it has none): its
@@ -920,6 +928,7 @@ class Engine:
             self._jobs = {k: j for k, j in self._jobs.items() if not j.done}
 
     def _admit(self) -> None:
+        admitted = False
         for slot in self._slots.values():
             runner = slot.runner
             if runner is None or slot.state != "loaded":
@@ -938,6 +947,12 @@ class Engine:
                     self._waiting -= 1
                 slot.touch()
                 runner.add(job)
+                admitted = True
+        if admitted:
+            # Counted as running from now: the step that follows may be a prefill chunk that
+            # takes seconds, and no longer waiting, a job must not vanish from the status
+            # (/health, metrics, the shutdown's count of what it cancels) until then.
+            self._publish()
 
     def _renew_runner(self, slot: Slot, error: MlxdError) -> None:
         """After a failed step: end the running jobs and start from a fresh runner."""

@@ -153,6 +153,11 @@ class JobHandle:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
+    @property
+    def open(self) -> bool:
+        """Neither cancelled nor read to its end."""
+        return not self._over
+
     def deliver(self, event: Event) -> None:
         """From any thread: queue ``event`` on the handle's event loop."""
         # RuntimeError: the event loop is gone (shutdown); nobody is listening any more.
